@@ -58,6 +58,7 @@ class LayerHooks:
         self.model = model
         self.layers = list(layers)
         self.sink: Optional[Sink] = None
+        self.on_error: Optional[Callable[[TrackedLayer, Exception], None]] = None
         self.explicit_mask: Optional[torch.Tensor] = None
         self._auto_mask: Optional[torch.Tensor] = None
         self._recorded: Optional[list[torch.Tensor]] = None
@@ -106,14 +107,15 @@ class LayerHooks:
         """Route captures to ``sink`` and collect the tracked outputs of the forwards inside.
 
         Differentiate a loss with respect to the yielded outputs (``torch.autograd.grad``) to run
-        a backward that fills the sink but leaves every parameter's ``.grad`` untouched.
+        a backward that fills the sink but leaves every parameter's ``.grad`` untouched. Errors
+        inside these explicit passes are raised, not routed to ``on_error``.
         """
-        previous_sink, self.sink = self.sink, sink
-        self._recorded = []
+        previous = self.sink, self.on_error
+        self.sink, self.on_error, self._recorded = sink, None, []
         try:
             yield self._recorded
         finally:
-            self.sink, self._recorded = previous_sink, None
+            (self.sink, self.on_error), self._recorded = previous, None
 
     def backward(self, loss: torch.Tensor, outputs: Sequence[torch.Tensor]) -> None:
         """Backpropagate ``loss`` to recorded ``outputs`` only (fires the tensor hooks)."""
@@ -122,10 +124,22 @@ class LayerHooks:
         torch.autograd.grad(loss, list(outputs), allow_unused=True)
 
     # ----------------------------------------------------------------------------- hooks
+    @staticmethod
+    def _capture(layer: TrackedLayer, x: torch.Tensor, grad: torch.Tensor, mask: Optional[torch.Tensor]) -> Capture:
+        a = layer.activations(x)
+        g = layer.output_gradients(grad)
+        applied = None
+        if mask is not None and tuple(mask.shape) == tuple(a.shape[:2]):
+            applied = mask.to(device=a.device, dtype=torch.bool)
+            keep = applied.unsqueeze(-1)
+            a = a * keep.to(a.dtype)
+            g = g * keep.to(g.dtype)
+        return Capture(layer, a, g, applied)
+
     def _forward_hook(self, layer: TrackedLayer) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            sink = self.sink
-            if sink is None or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            sink, on_error = self.sink, self.on_error
+            if sink is None or not inputs or not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return
             x = inputs[0].detach()
             mask = self.token_mask
@@ -133,15 +147,12 @@ class LayerHooks:
                 self._recorded.append(output)
 
             def on_grad(grad: torch.Tensor) -> None:
-                a = layer.activations(x)
-                g = layer.output_gradients(grad.detach())
-                applied = None
-                if mask is not None and tuple(mask.shape) == tuple(a.shape[:2]):
-                    applied = mask.to(device=a.device, dtype=torch.bool)
-                    keep = applied.unsqueeze(-1)
-                    a = a * keep.to(a.dtype)
-                    g = g * keep.to(g.dtype)
-                sink(Capture(layer, a, g, applied))
+                try:
+                    sink(self._capture(layer, x, grad.detach(), mask))
+                except Exception as error:  # noqa: BLE001 - passive hooks must never break training
+                    if on_error is None:
+                        raise
+                    on_error(layer, error)
 
             output.register_hook(on_grad)
 

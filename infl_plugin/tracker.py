@@ -43,6 +43,8 @@ class InfluenceTracker:
         self.config = config or InfluenceConfig()
         self.layers = select_layers(model, self.config.modules, self.config.module_types)
         self.hooks = LayerHooks(model, self.layers)
+        self.hooks.on_error = self._on_hook_error
+        self._hook_error: Optional[str] = None
         self.statistics = None if self.config.strategy == "identity" else new_statistics(self.layers, self.config)
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.optimizer_steps = 0
@@ -91,7 +93,13 @@ class InfluenceTracker:
             optimizer_step: whether this micro-batch ends an optimizer step.
         """
         updated = False
-        if self.statistics is not None and self._due():
+        if self._hook_error is not None and self.statistics is not None:
+            self.statistics.discard()
+            self.statistics.skipped_batches += 1
+            warnings.warn(f"infl_plugin: skipped the statistics of micro-batch {self.micro_batches}: "
+                          f"{self._hook_error}", stacklevel=2)
+            self._hook_error = None
+        elif self.statistics is not None and self._due():
             if self.config.fisher == "empirical":
                 scale = self.task.training_loss_scale(batch) if grad_scale is None else grad_scale
                 updated = self._commit(lambda: self.statistics.commit(scale))
@@ -109,6 +117,10 @@ class InfluenceTracker:
         self.hooks.explicit_mask = None
         self._arm()
         return updated
+
+    def _on_hook_error(self, layer, error: Exception) -> None:
+        """A capture failed during the training backward: remember it, never interrupt training."""
+        self._hook_error = f"{type(error).__name__} in layer {layer.name!r}: {error}"
 
     def _due(self) -> bool:
         return self.optimizer_steps % self.config.update_every == 0

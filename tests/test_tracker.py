@@ -186,3 +186,24 @@ def test_ekfac_factors_before_refresh_need_a_loader():
             tracker.factors()
         factors = tracker.factors(loader=loader(items, 8))
     assert all(torch.isfinite(f.eigenvalues).all() for f in factors.layers.values())
+
+
+def test_a_failing_capture_never_breaks_training(monkeypatch):
+    """An error inside a hook during the training backward skips that step's statistics only."""
+    items = data(16)
+    model = mlp()
+    with ip.InfluenceTracker(model, ip.ClassificationTask(), ip.InfluenceConfig(strategy="kfac")) as tracker:
+        original = tracker.statistics.__class__.__call__
+
+        def broken(self, capture):
+            raise RuntimeError("capture failed")
+
+        monkeypatch.setattr(tracker.statistics.__class__, "__call__", broken)
+        x, y = next(iter(loader(items, 8)))
+        F.cross_entropy(model(x), y).backward()  # does not raise
+        assert all(p.grad is not None for p in model.parameters())
+        with pytest.warns(UserWarning, match="capture failed"):
+            assert tracker.step((x, y)) is False
+        monkeypatch.setattr(tracker.statistics.__class__, "__call__", original)
+        F.cross_entropy(model(x), y).backward()
+        assert tracker.step((x, y)) and tracker.skipped_batches == 1
