@@ -3,11 +3,13 @@
 Data flows one way: hooks → statistics → factors → attributor → reporting. See README.md.
 """
 
+from .artifacts import read_artifacts
 from .attributor import Attributor, PreconditionedQueries, TopK
 from .config import InfluenceConfig
 from .factors import Factors, LayerFactors
 from .fitting import fit_factors
 from .layers import TrackedLayer, select_layers
+from .session import InfluenceSession
 from .tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
 from .tracker import InfluenceTracker
 
@@ -19,6 +21,7 @@ __all__ = [
     "ClassificationTask",
     "Factors",
     "InfluenceConfig",
+    "InfluenceSession",
     "InfluenceTracker",
     "LayerFactors",
     "PreconditionedQueries",
@@ -27,5 +30,6 @@ __all__ = [
     "TopK",
     "TrackedLayer",
     "fit_factors",
+    "read_artifacts",
     "select_layers",
 ]

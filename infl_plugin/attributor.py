@@ -8,8 +8,11 @@ Queries are differentiated and preconditioned once (`precondition`), per layer
 ``P_q = (G + λI)⁻¹ ∇_W f(q)``: ``[Q, d_out, d_in]``, or at rank r as ``P_q ≈ U_q V_qᵀ`` with
 ``U: [Q, d_out, r]``, ``V: [Q, d_in, r]``. Training examples are streamed batch by batch: at full
 rank a batch's per-example gradients ``DW: [B, d_out, d_in]`` are formed and contracted in one
-matrix product; at low rank the score is ``Σ_t Σ_k (u_kᵀ g_t)(v_kᵀ a_t)`` and per-example
-gradients are never formed. Scores decompose exactly over layers and over tokens.
+matrix product; at low rank the score is ``Σ_t Σ_k (u_kᵀ g_t)(v_kᵀ a_t)`` (per-example gradients
+never formed) or, when that costs fewer multiply-adds (long sequences), ``U_q V_qᵀ`` is rebuilt
+in bounded query chunks and contracted with ``DW``. Scores decompose exactly over layers and over
+tokens. Preconditioning runs in the accumulation dtype and, with an eigenbasis, rotates the query
+tokens (or gradients, whichever is cheaper) into it; rank-r queries are truncated there.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from torch import nn
 
 from .config import InfluenceConfig
-from .factors import Factors
+from .factors import Factors, LayerFactors
 from .hooks import Capture, LayerHooks
 from .layers import select_layers
 from .passes import backward_pass, isolated, model_device
@@ -85,41 +88,95 @@ class Attributor:
     def precondition(self, queries: Iterable) -> PreconditionedQueries:
         """Differentiate each query's measurement and apply ``(G + λI)⁻¹`` (rank-r when configured)."""
         device = model_device(self.model)
-        factors = self.factors.to(device)
-        chunks: dict[str, list[torch.Tensor]] = {name: [] for name in self.layer_names}
+        factors = self._device_factors(device)
+        chunks: dict[str, list[QueryLayer]] = {name: [] for name in self.layer_names}
         measurements = []
         with self.hooks, isolated(self.model):
             for batch in queries:
                 grads: dict[str, torch.Tensor] = {}
                 values = backward_pass(
-                    self.model, self.task, self.hooks, move_to_device(batch, device), self._summed_gradients(grads),
-                    measurement=True,
+                    self.model, self.task, self.hooks, move_to_device(batch, device),
+                    self._summed_gradients(grads, factors), measurement=True,
                 )
                 measurements.append(values.to(self.dtype))
                 for name in self.layer_names:
-                    if name in grads:
-                        chunks[name].append(factors.precondition(name, grads[name]))
+                    if name in grads:  # popped: each layer's raw gradients are freed once preconditioned
+                        chunks[name].append(self._precondition_layer(factors.layers[name], grads.pop(name)))
                     else:
-                        shape = (values.shape[0],) + tuple(self.factors.shapes[name])
-                        chunks[name].append(torch.zeros(shape, dtype=self.dtype, device=device))
+                        chunks[name].append(self._zero_query(name, values.shape[0], device))
         if not measurements:
             raise ValueError("The query loader yielded no batch")
-        layers = {name: self._compress(torch.cat(parts)) for name, parts in chunks.items()}
+        # concatenated layer by layer, releasing the chunks as it goes (one layer's copy at a time)
+        layers = {name: _cat_queries(chunks.pop(name)) for name in list(chunks)}
         return PreconditionedQueries(layers, torch.cat(measurements))
 
-    def _compress(self, full: torch.Tensor) -> QueryLayer:
-        rank = self.config.query_rank
-        if rank is None or rank >= min(full.shape[-2:]):
-            return QueryLayer(full=full)
-        u, s, vh = torch.linalg.svd(full, full_matrices=False)
-        return QueryLayer(u=u[..., :rank] * s[..., None, :rank], v=vh[..., :rank, :].transpose(-1, -2))
+    def _device_factors(self, device: torch.device) -> Factors:
+        """The factors on ``device`` in the accumulation dtype (cached: preconditioning in float64
+        costs twice the float32 time for no gain once the eigendecomposition is done)."""
+        key = (str(device), self.dtype)
+        cached = getattr(self, "_factor_cache", None)
+        if cached is None or cached[0] != key or cached[1] is not self.factors:
+            cast = lambda t: None if t is None else t.to(device=device, dtype=self.dtype)  # noqa: E731
+            layers = {
+                n: LayerFactors(cast(f.q_a), cast(f.q_s), cast(f.eigenvalues), f.damping)
+                for n, f in self.factors.layers.items()
+            }
+            cached = (key, self.factors, Factors(self.factors.strategy, layers, self.factors.shapes, self.factors.config))
+            self._factor_cache = cached
+        return cached[2]
 
-    def _summed_gradients(self, into: dict[str, torch.Tensor]) -> Callable[[Capture], None]:
-        """Sink storing per-example gradients ``DW = Σ_t g_t a_tᵀ`` ``[B, d_out, d_in]`` per layer."""
+    def _low_rank(self, shape: tuple[int, ...]) -> Optional[int]:
+        rank = self.config.query_rank
+        return None if rank is None or rank >= min(shape[-2:]) else rank
+
+    def _precondition_layer(self, f: LayerFactors, grad: torch.Tensor) -> QueryLayer:
+        """``(G + λI)⁻¹`` of one batch of query gradients, compressed to rank r when configured.
+
+        With an eigenbasis, ``grad`` arrives already rotated (``Q_Sᵀ DW Q_A``, see
+        `_summed_gradients`); the division happens there, and at rank r the SVD is taken in the
+        eigenbasis too (``Q_S``, ``Q_A`` are orthogonal, so ``svd(Q_S W Q_Aᵀ) = (Q_S U) Σ (Q_A V)ᵀ``)
+        and only the r kept vectors are rotated back.
+        """
+        rank = self._low_rank(grad.shape)
+        rotated = f.eigenvalues is not None and f.q_s is not None
+        if rotated:
+            w = grad / (f.eigenvalues + f.damping)
+        else:
+            w = f.precondition(grad)
+        if rank is None:
+            return QueryLayer(full=f.q_s @ w @ f.q_a.T if rotated else w)
+        u, v = _truncated_svd(w, rank)
+        if rotated:
+            u, v = f.q_s @ u, f.q_a @ v
+        return QueryLayer(u=u, v=v)
+
+    def _zero_query(self, name: str, count: int, device: torch.device) -> QueryLayer:
+        shape = (count,) + tuple(self.factors.shapes[name])
+        rank = self._low_rank(shape)
+        if rank is None:
+            return QueryLayer(full=torch.zeros(shape, dtype=self.dtype, device=device))
+        zeros = lambda d: torch.zeros(count, d, rank, dtype=self.dtype, device=device)  # noqa: E731
+        return QueryLayer(u=zeros(shape[1]), v=zeros(shape[2]))
+
+    def _summed_gradients(self, into: dict[str, torch.Tensor], factors: Optional[Factors] = None) -> Callable[[Capture], None]:
+        """Sink storing per-example gradients ``DW = Σ_t g_t a_tᵀ`` ``[B, d_out, d_in]`` per layer.
+
+        With ``factors`` holding an eigenbasis (kfac/ekfac) it stores ``Q_Sᵀ DW Q_A`` instead,
+        rotating the tokens first when that is cheaper (``T (d_out² + d_in²) < d_out d_in (d_out + d_in)``).
+        """
 
         def sink(capture: Capture) -> None:
-            dw = torch.einsum("bto,bti->boi", capture.g.to(self.dtype), capture.a.to(self.dtype))
+            a, g = capture.a.to(self.dtype), capture.g.to(self.dtype)
             name = capture.layer.name
+            f = None if factors is None else factors.layers[name]
+            if f is not None and f.eigenvalues is not None and f.q_s is not None:
+                d_out, d_in = g.shape[-1], a.shape[-1]
+                if a.shape[1] * (d_out * d_out + d_in * d_in) < d_out * d_in * (d_out + d_in):
+                    dw = torch.einsum("bto,bti->boi", g @ f.q_s, a @ f.q_a)
+                else:
+                    dw = f.q_s.T @ torch.einsum("bto,bti->boi", g, a) @ f.q_a
+            else:
+                dw = torch.einsum("bto,bti->boi", g, a)
             into[name] = into[name] + dw if name in into else dw
 
         return sink
@@ -140,9 +197,16 @@ class Attributor:
                 value = q.full.flatten(1) @ dw.flatten(1).T
             elif q.full is not None:
                 value = torch.einsum("bto,qoi,bti->qbt", g, q.full, a)
-            else:
+            elif per_token or not _reconstruct_cheaper(q, a.shape[0], a.shape[1]):
                 value = (torch.einsum("bto,qor->qbtr", g, q.u) * torch.einsum("bti,qir->qbtr", a, q.v)).sum(-1)
                 value = value if per_token else value.sum(-1)
+            else:
+                dw = torch.einsum("bto,bti->boi", g, a).flatten(1).T
+                step = max(1, _CHUNK_ELEMENTS // dw.shape[0])
+                value = torch.cat([
+                    (q.u[s: s + step] @ q.v[s: s + step].transpose(-1, -2)).flatten(1) @ dw
+                    for s in range(0, q.u.shape[0], step)
+                ])
             name = capture.layer.name
             out[name] = out[name] + value if name in out else value
 
@@ -199,7 +263,7 @@ class Attributor:
     def self_scores(self, train: Iterable) -> torch.Tensor:
         """``∇L(z)ᵀ (G + λI)⁻¹ ∇L(z)`` per training example, ``[n_train]``."""
         device = model_device(self.model)
-        factors = self.factors.to(device)
+        factors = self._device_factors(device)
         parts = []
         with self.hooks, isolated(self.model):
             for batch in train:
@@ -213,6 +277,46 @@ class Attributor:
         if not parts:
             raise ValueError("The training loader yielded no batch")
         return torch.cat(parts)
+
+
+_CHUNK_ELEMENTS = 1 << 24  # bound on a reconstructed chunk of rank-r queries: 16M elements (64 MiB in float32)
+
+
+def _reconstruct_cheaper(q: QueryLayer, batch: int, tokens: int) -> bool:
+    """Whether ``⟨U_q V_qᵀ, DW_b⟩`` via rebuilding ``U_q V_qᵀ`` (in bounded query chunks) and forming
+    ``DW`` costs fewer multiply-adds than the token path ``Σ_t (U_qᵀ g_t)·(V_qᵀ a_t)``."""
+    n, d_out, rank = q.u.shape
+    d_in = q.v.shape[1]
+    tokens_path = n * batch * tokens * rank * (d_out + d_in)
+    rebuild_path = batch * tokens * d_out * d_in + n * d_out * d_in * (rank + batch)
+    return rebuild_path < tokens_path
+
+
+def _truncated_svd(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factors ``w ≈ u vᵀ`` (singular values folded into ``u``) of ``w: [..., m, n]``.
+
+    Through the eigendecomposition of the smaller Gram matrix in float64 (``m·n²`` + ``n³``
+    instead of a full SVD, several times faster on CPU); float64 keeps the kept singular
+    vectors as accurate as ``torch.linalg.svd``'s.
+    """
+    transpose = w.shape[-2] < w.shape[-1]
+    x = (w.transpose(-1, -2) if transpose else w).double()  # [..., m, n], m >= n
+    evals, evecs = torch.linalg.eigh(x.transpose(-1, -2) @ x)  # ascending
+    right = evecs[..., -rank:].flip(-1)  # [..., n, r]
+    left_scaled = x @ right  # [..., m, r] = U_r Σ_r
+    if transpose:  # w = xᵀ = right Σ U_rᵀ
+        sigma = evals[..., -rank:].flip(-1).clamp_min(0).sqrt()
+        u = right * sigma.unsqueeze(-2)
+        v = left_scaled / sigma.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(-2)
+    else:
+        u, v = left_scaled, right
+    return u.to(w.dtype), v.to(w.dtype)
+
+
+def _cat_queries(parts: list[QueryLayer]) -> QueryLayer:
+    if parts[0].full is not None:
+        return QueryLayer(full=torch.cat([p.full for p in parts]))
+    return QueryLayer(u=torch.cat([p.u for p in parts]), v=torch.cat([p.v for p in parts]))
 
 
 def _merge_top(current, scores: torch.Tensor, index: torch.Tensor, k: int, largest: bool):

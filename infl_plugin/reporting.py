@@ -267,7 +267,7 @@ def ccdf(values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     x = np.sort(x[np.isfinite(x) & (x > 0)])
     if x.size == 0:
         return x, x
-    return x, 1.0 - np.arange(x.size) / x.size
+    return x, (x.size - np.searchsorted(x, x, side="left")) / x.size
 
 
 def tail_exponent(values: torch.Tensor, tail_fraction: float = 0.1, min_tail: int = 10) -> float:
@@ -431,19 +431,14 @@ class TensorBoardReporter:
             if query.image is None:
                 continue
             k = min(result.top_k, self.max_grid)
-            fig = _figure((1.3 * (k + 1), 3.0))
-            axes = fig.subplots(2, k + 1, squeeze=False)
-            _show(axes[0][0], query.image, f"query {q}\n{query.text}")
-            axes[1][0].axis("off")
-            axes[1][0].text(0.5, 0.5, "row 1: helpful\nrow 2: harmful", ha="center", va="center", fontsize=7)
+            tiles = [[(query.image, f"query {q}\n{query.text}")], [(None, "row 1: helpful\nrow 2: harmful")]]
             for row, direction in enumerate(("helpful", "harmful")):
                 indices = result.helpful_indices[q] if direction == "helpful" else result.harmful_indices[q]
                 scores = result.helpful_scores[q] if direction == "helpful" else result.harmful_scores[q]
                 for j in range(k):
-                    index = int(indices[j])
-                    shown = self.render(source, "candidate", index)
-                    _show(axes[row][j + 1], shown.image, f"#{index} {shown.text}\n{float(scores[j]):.3g}")
-            fig.tight_layout()
+                    shown = self.render(source, "candidate", int(indices[j]))
+                    tiles[row].append((shown.image, f"#{int(indices[j])} {shown.text}\n{float(scores[j]):.3g}"))
+            fig = _grid_figure(tiles)
             self.add_figure(self.tag("influence_examples", f"query_{q:03d}"), fig, step)
 
     def log_histograms(self, result: AttributionResult, step: int) -> None:
@@ -530,11 +525,34 @@ def _figure(size: tuple[float, float]) -> Any:
     return Figure(figsize=size, dpi=100)
 
 
-def _show(ax: Any, image: Optional[np.ndarray], title: str) -> None:
-    if image is not None:
-        ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1)
-    ax.set_title(title, fontsize=6)
+def _grid_figure(rows: list[list[tuple[Optional[np.ndarray], str]]]) -> Any:
+    """One image axes holding a mosaic of tiles (``(image | None, caption)``), captions above tiles.
+
+    A single axes renders ~20x faster than one axes per tile.
+    """
+    shapes = [img.shape[:2] for row in rows for img, _ in row if img is not None]
+    h = max(s[0] for s in shapes)
+    w = max(s[1] for s in shapes)
+    cols = max(len(row) for row in rows)
+    pad_w, pad_h = max(2, w // 8), max(2, h // 2)
+    mosaic = np.ones(((h + pad_h) * len(rows), (w + pad_w) * cols, 3))
+    for r, row in enumerate(rows):
+        for c, (img, _) in enumerate(row):
+            if img is None:
+                continue
+            tile = np.repeat(img[..., None], 3, axis=-1) if img.ndim == 2 else img
+            top, left = r * (h + pad_h) + pad_h, c * (w + pad_w)
+            mosaic[top: top + tile.shape[0], left: left + tile.shape[1]] = tile
+    fig = _figure((1.25 * cols, 1.6 * len(rows)))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(mosaic, interpolation="nearest", aspect="equal")
+    for r, row in enumerate(rows):
+        for c, (_, caption) in enumerate(row):
+            x = c * (w + pad_w) + w / 2
+            y = r * (h + pad_h) + pad_h * 0.95 if row[c][0] is not None else r * (h + pad_h) + pad_h + h / 2
+            ax.text(x, y, caption, ha="center", va="bottom" if row[c][0] is not None else "center", fontsize=5.5)
     ax.axis("off")
+    return fig
 
 
 __all__ = [

@@ -66,7 +66,7 @@ from .tracker import InfluenceTracker
 
 logger = logging.getLogger("infl_plugin")
 
-REASONS = ("every_n_steps", "save", "train_end", "manual")
+REASONS = ("every_n_steps", "save", "train_end", "evaluate", "manual")
 STATE_VERSION = 1
 
 
@@ -116,6 +116,7 @@ class InfluenceSession:
         every_n_steps: attribute every n optimizer steps (``None``: never on a step count).
         on_save: attribute when a checkpoint is saved.
         at_train_end: attribute when training ends.
+        on_evaluate: attribute after an evaluation (adapters whose framework has such an event).
         top_k: helpful/harmful examples kept per query.
         self_influence: also score every candidate's self-influence (forms per-example gradients
             ``[batch, d_out, d_in]`` per layer: keep off for large layers).
@@ -127,7 +128,7 @@ class InfluenceSession:
 
     def __init__(self, model: nn.Module, task: Task, config: Optional[InfluenceConfig] = None, *,
                  every_n_steps: Optional[int] = None, on_save: bool = True, at_train_end: bool = True,
-                 top_k: int = 10, self_influence: bool = False, is_main: bool = True, progress: bool = True,
+                 on_evaluate: bool = False, top_k: int = 10, self_influence: bool = False, is_main: bool = True, progress: bool = True,
                  log: Optional[Callable[[str], None]] = None, strict: bool = False) -> None:
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1):
             raise ValueError(f"every_n_steps must be None or an integer >= 1, got {every_n_steps!r}")
@@ -139,6 +140,7 @@ class InfluenceSession:
         self.every_n_steps = every_n_steps
         self.on_save = on_save
         self.at_train_end = at_train_end
+        self.on_evaluate = on_evaluate
         self.top_k = top_k
         self.self_influence = self_influence
         self.is_main = is_main
@@ -240,6 +242,8 @@ class InfluenceSession:
             return self.on_save
         if reason == "train_end":
             return self.at_train_end
+        if reason == "evaluate":
+            return self.on_evaluate
         return True
 
     def maybe_attribute(self, step: int, reason: str) -> Optional[AttributionResult]:
@@ -263,7 +267,7 @@ class InfluenceSession:
             return None
         started = time.perf_counter()
         result = None
-        with self._quiet(), _forked_rng(), torch.inference_mode(False), torch.enable_grad():
+        with self.quiet(), _forked_rng(), torch.inference_mode(False), torch.enable_grad():
             try:
                 factors = self.tracker.factors(loader=self.candidates)
                 self.last_factors = factors
@@ -344,7 +348,7 @@ class InfluenceSession:
         self.last_result = result
         for what, action in (("report", self._report), ("artifact", self._write)):
             try:
-                with _forked_rng():
+                with self.quiet(), _forked_rng(), torch.inference_mode(False), torch.enable_grad():
                     action(result)
             except Exception as error:
                 if self.strict:
@@ -372,8 +376,9 @@ class InfluenceSession:
         return tqdm(total=total, desc=description, unit="ex", leave=False, dynamic_ncols=True)
 
     @contextmanager
-    def _quiet(self) -> Iterator[None]:
-        """Pause the tracker's training sink so attribution passes never feed its statistics."""
+    def quiet(self) -> Iterator[None]:
+        """Pause the tracker's training sink so extra passes (attribution, token views in a
+        reporter) never feed its statistics; restored on exit."""
         hooks = self.tracker.hooks
         sink, mask = hooks.sink, hooks.explicit_mask
         hooks.sink, hooks.explicit_mask = None, None
@@ -412,6 +417,9 @@ class InfluenceSession:
         self.attributions = int(state["attributions"])
         self.failed_attributions = int(state["failed_attributions"])
         self.failed_batches = int(state["failed_batches"])
+
+
+    _quiet = quiet  # backwards-compatible alias
 
 
 class _NoBar:

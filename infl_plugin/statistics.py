@@ -21,7 +21,7 @@ memory, while Metric's gather-then-sum holds world_size × d² per factor during
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -45,16 +45,6 @@ class LayerStatistics:
     lambda_examples: float = 0.0
 
 
-@dataclass
-class _Pending:
-    a_sum: Optional[torch.Tensor] = None
-    s_sum: Optional[torch.Tensor] = None
-    lambda_sum: Optional[torch.Tensor] = None
-    tokens: int = 0
-    examples: int = 0
-    extra: dict = field(default_factory=dict)
-
-
 class CurvatureStatistics:
     """Per-layer sums of ``a aᵀ``, ``g gᵀ`` and squared rotated per-example gradients.
 
@@ -71,7 +61,7 @@ class CurvatureStatistics:
         self.totals: dict[str, LayerStatistics] = {name: LayerStatistics() for name in self.layers}
         self.bases: Optional[dict[str, tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]] = None
         self._rotations: Optional[dict[str, tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]] = None
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, LayerStatistics] = {}  # this micro-batch, unscaled
         self.skipped_batches = 0
 
     # ----------------------------------------------------------------------------- basis
@@ -94,7 +84,7 @@ class CurvatureStatistics:
         name = capture.layer.name
         a = capture.a.to(self.dtype)
         g = capture.g.to(self.dtype)
-        pending = self._pending.setdefault(name, _Pending())
+        pending = self._pending.setdefault(name, LayerStatistics())
         if a.shape[0] == 0:
             return
         pending.examples = max(pending.examples, a.shape[0])

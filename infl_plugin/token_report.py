@@ -10,10 +10,13 @@ things people can read:
 * `token_heatmap_figure`: one row of coloured token cells per top sequence;
 * `layer_heatmap_figure`: layers × top sequences, each column a sequence's score split over the
   tracked layers (the paper's layer-wise figure);
-* `token_views`: the three views for one query's top sequences, computed from an `Attributor`.
+* `token_views`: the per-token / per-layer scores of one query's chosen sequences, from an
+  `Attributor`, with the markdown and both figures;
+* `TokenReporter`: a `TensorBoardReporter` that logs these views for each query's top sequences
+  next to the base reporter's tables and plots (used by the Hugging Face callback).
 
-Only the standard library, torch and (for figures) matplotlib are used; tokens are plain strings,
-so any tokenizer works (`decode_tokens` decodes ids one by one with a Hugging Face tokenizer).
+Tokens are plain strings, so any tokenizer works (`decode_tokens` decodes ids one by one with a
+Hugging Face tokenizer). Figures are pyplot-free matplotlib figures.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+
+from .artifacts import AttributionResult
+from .reporting import TensorBoardReporter, TextRenderer
 
 _SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~])")
@@ -118,7 +124,8 @@ def mark_tokens_markdown(
         for r, p in enumerate(positions, 1):
             share = float(scores[p]) / total if total != 0 else float("nan")
             token = escape_markdown(_visible(tokens[p])).replace(" ", "␣") or "␣"
-            lines.append(f"| {r} | `{token.replace('`', '')}` | {p} | {_format_score(float(scores[p]))} | {share:.1%} |")
+            score = _format_score(float(scores[p]))
+            lines.append(f"| {r} | `{token.replace('`', '')}` | {p} | {score} | {share:.1%} |")
     return "\n".join(lines)
 
 
@@ -179,7 +186,7 @@ def layer_heatmap_figure(
     fig = _figure((1.2 + 0.45 * max(k, 4), 1.0 + 0.22 * max(len(names), 4)))
     ax = fig.subplots()
     vmax = _symmetric_limit(values)
-    image = ax.imshow(values.numpy(), cmap="RdBu", vmin=-vmax, vmax=vmax, aspect="auto", origin="lower")
+    image = ax.imshow(values.numpy(), cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto", origin="lower")
     ax.set_yticks(range(len(names)))
     ax.set_yticklabels(names, fontsize=6)
     ax.set_xticks(range(k))
@@ -228,8 +235,10 @@ def token_heatmap_figure(
             previous = i
         norm = Normalize(vmin=-limits[i], vmax=limits[i])
         for j, (token, value) in enumerate(zip(tokens, values)):
-            ax.add_patch(Rectangle((j, y - 0.9), 1, 0.9, color=cmap(norm(value)), linewidth=0))
-            ax.text(j + 0.5, y - 0.45, _visible(token)[:6], fontsize=5, ha="center", va="center", family="monospace")
+            shade = float(norm(value))
+            ax.add_patch(Rectangle((j, y - 0.9), 1, 0.9, color=cmap(shade), linewidth=0))
+            ax.text(j + 0.5, y - 0.45, _visible(token)[:6], fontsize=5, ha="center", va="center", family="monospace",
+                    color="white" if abs(shade - 0.5) > 0.35 else "black")
         y -= 1.0
     ax.set_xlim(0, width)
     ax.set_ylim(y - 0.1, 0.1)
@@ -243,11 +252,12 @@ def token_heatmap_figure(
 # ------------------------------------------------------------------------------------ views
 @dataclass
 class TokenViews:
-    """One query's token- and layer-level views of its top training sequences.
+    """One query's token- and layer-level views of chosen training sequences.
 
-    ``token_scores[i]``: ``[L, T]`` per-layer per-token scores of the i-th top sequence;
-    ``markdown``: one text block with every sequence marked; ``scores``: the sequences' totals
-    (equal to ``token_scores[i].sum()``).
+    ``token_scores[i]``: ``[L, T]`` per-layer per-token scores of sequence i; layers that see one
+    vector per sequence (a pooled classification head) have no per-token split: their score is in
+    ``sequence_scores[i]: [L]`` (zero rows in ``token_scores``). ``scores[i]`` is the total,
+    ``token_scores[i].sum() + sequence_scores[i].sum()``; ``markdown``: every sequence marked.
     """
 
     indices: list[int]
@@ -255,19 +265,27 @@ class TokenViews:
     tokens: list[list[str]]
     masks: list[torch.Tensor]
     token_scores: list[torch.Tensor]
+    sequence_scores: list[torch.Tensor]
     layer_names: list[str]
     markdown: str
 
+    def subset(self, positions: Sequence[int]) -> "TokenViews":
+        """The views of the sequences at ``positions`` (markdown is not recomputed)."""
+        pick = lambda values: [values[p] for p in positions]  # noqa: E731
+        return TokenViews(pick(self.indices), pick(self.scores), pick(self.tokens), pick(self.masks),
+                          pick(self.token_scores), pick(self.sequence_scores), self.layer_names, self.markdown)
+
     def per_token(self, i: int) -> torch.Tensor:
-        """``[T]`` scores of sequence i summed over layers."""
+        """``[T]`` scores of sequence i summed over the token-level layers."""
         return self.token_scores[i].sum(0)
 
     def per_layer(self) -> torch.Tensor:
-        """``[L, K]`` scores of the K sequences per layer."""
-        return torch.stack([s.sum(-1) for s in self.token_scores], dim=1)
+        """``[L, K]`` scores of the K sequences per layer (sums to ``scores``)."""
+        return torch.stack([t.sum(-1) + s for t, s in zip(self.token_scores, self.sequence_scores)], dim=1)
 
     def token_figure(self, title: str = ""):
-        labels = [f"#{r + 1}  train {i}  score {_format_score(s)}" for r, (i, s) in enumerate(zip(self.indices, self.scores))]
+        labels = [f"#{r}  train {i}  score {_format_score(s)}"
+                  for r, (i, s) in enumerate(zip(self.indices, self.scores), 1)]
         rows = [[t for t, m in zip(tokens, mask.tolist()) if m] for tokens, mask in zip(self.tokens, self.masks)]
         values = [self.per_token(i)[self.masks[i].bool()] for i in range(len(self.indices))]
         return token_heatmap_figure(rows, values, labels, title=title)
@@ -287,49 +305,136 @@ def token_views(
     tokenizer: Any = None,
     top_tokens: int = 8,
     batch_size: int = 8,
-    heading: Optional[str] = None,
+    labels: Optional[Sequence[str]] = None,
 ) -> TokenViews:
-    """Per-token, per-layer decompositions of query ``query_index`` on training ``examples[indices]``.
+    """Per-token, per-layer decompositions of query ``query_index``'s score on ``examples``.
 
     Args:
         attributor: an `infl_plugin.Attributor`.
-        queries: its `PreconditionedQueries` (or a query loader; preconditioned once here).
-        examples: the training set, indexable; ``collate`` turns a list of its items into a batch
-            with ``input_ids`` (and ``attention_mask``).
-        indices: the training indices to show (e.g. a query's top helpful ones).
-        tokenizer: decodes tokens (``processing_class`` of a Trainer); ``None`` shows ids.
+        queries: its `PreconditionedQueries` (or a query loader, preconditioned here).
+        examples: the training examples to show (e.g. a query's top helpful ones); ``collate``
+            turns a list of them into a batch with ``input_ids`` (and ``attention_mask``).
+        indices: their dataset positions (shown in headings).
+        tokenizer: decodes tokens (a Trainer's ``processing_class``); ``None`` shows ids.
+        labels: a heading prefix per example (default ``"#rank"``).
     """
-    pq = attributor._prepared(queries) if hasattr(attributor, "_prepared") else queries
-    indices = [int(i) for i in indices]
+    pq = queries if hasattr(queries, "layers") else attributor.precondition(queries)
+    examples, indices = list(examples), [int(i) for i in indices]
+    if len(examples) != len(indices):
+        raise ValueError(f"{len(examples)} examples but {len(indices)} indices")
+    names = list(attributor.layer_names)
     token_scores: list[torch.Tensor] = []
+    sequence_scores: list[torch.Tensor] = []
     tokens: list[list[str]] = []
     masks: list[torch.Tensor] = []
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start: start + batch_size]
-        batch = collate([examples[i] for i in chunk])
-        raw = attributor.token_scores(pq, batch)
-        if isinstance(raw, Mapping):  # layer name -> [Q, B, T]
-            raw = torch.stack([raw[name] for name in attributor.layer_names])
-        scores = raw[:, query_index]  # [L, B, T]
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start: start + batch_size])
         ids = batch["input_ids"]
+        per_token, per_sequence = _split_layers(attributor.token_scores(pq, batch), names, query_index, ids.shape)
         mask = batch.get("attention_mask")
         mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-        for b in range(len(chunk)):
-            token_scores.append(scores[:, b].detach().double().cpu())
+        for b in range(ids.shape[0]):
+            token_scores.append(per_token[:, b])
+            sequence_scores.append(per_sequence[:, b])
             tokens.append(decode_tokens(tokenizer, ids[b].tolist()))
             masks.append(mask[b].cpu())
-    totals = [float(s.sum()) for s in token_scores]
-    blocks = [] if heading is None else [heading, ""]
-    for rank, (i, s, toks, mask, ts) in enumerate(zip(indices, totals, tokens, masks, token_scores), 1):
-        blocks.append(
-            mark_tokens_markdown(toks, ts.sum(0), top=top_tokens, mask=mask,
-                                 heading=f"**#{rank}** training sequence {i}, score {_format_score(s)}")
-        )
-        blocks.append("")
-    return TokenViews(indices, totals, tokens, masks, token_scores, list(attributor.layer_names), "\n".join(blocks))
+    totals = [float(t.sum() + s.sum()) for t, s in zip(token_scores, sequence_scores)]
+    labels = list(labels) if labels is not None else [f"#{r}" for r in range(1, len(indices) + 1)]
+    blocks = []
+    rows = zip(labels, indices, totals, tokens, masks, token_scores, sequence_scores)
+    for label, i, total, toks, mask, ts, ss in rows:
+        heading = f"**{label}** training example {i}, score {_format_score(total)}"
+        if float(ss.abs().sum()) > 0:
+            heading += (f" ({_format_score(float(ss.sum()))} of it from layers that see the whole sequence at once, "
+                        "e.g. a classification head, not split over tokens)")
+        blocks += [mark_tokens_markdown(toks, ts.sum(0), top=top_tokens, mask=mask, heading=heading), ""]
+    return TokenViews(indices, totals, tokens, masks, token_scores, sequence_scores, names, "\n".join(blocks))
+
+
+def _split_layers(raw: Any, names: Sequence[str], query: int, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attributor token scores → ``([L, B, T], [L, B])``: per-token layers and one-vector-per-sequence layers."""
+    if not isinstance(raw, Mapping):  # a stacked [L, Q, B, T] tensor
+        raw = dict(zip(names, raw))
+    batch, length = shape
+    per_token = torch.zeros(len(names), batch, length, dtype=torch.float64)
+    per_sequence = torch.zeros(len(names), batch, dtype=torch.float64)
+    for l, name in enumerate(names):
+        value = raw.get(name)
+        if value is None:  # the layer took no part in this batch's forward
+            continue
+        value = value[query].detach().double().cpu()  # [B, T_layer]
+        if value.shape[-1] == length:
+            per_token[l] = value
+        else:
+            per_sequence[l] = value.sum(-1)
+    return per_token, per_sequence
+
+
+# ------------------------------------------------------------------------------------ reporter
+class TokenReporter(TensorBoardReporter):
+    """`TensorBoardReporter` that adds token- and layer-level views of each query's top sequences.
+
+    Besides everything the base reporter logs, per query (at most ``token_queries``):
+
+    * Text ``influence_tokens/query_{q:03d}``: its ``sequences`` most helpful and most harmful
+      training sequences with their ``top_tokens`` most influential tokens marked;
+    * Image ``influence_token_heatmaps/query_{q:03d}``: the token heatmap of the helpful ones;
+    * Image ``influence_layers/query_{q:03d}``: layers × top helpful sequences (share of each
+      sequence's Σ|score| per layer).
+
+    Args:
+        writer: a ``SummaryWriter`` (``None`` = no-op).
+        tokenizer: decodes token ids (a Hugging Face tokenizer); also renders examples as text.
+        collate_fn: turns a list of dataset examples into a model batch.
+        sequences, top_tokens, token_queries: sizes of the views (see above).
+        **kwargs: passed to `TensorBoardReporter` (``renderer`` defaults to a `TextRenderer`).
+
+    ``session`` (an `InfluenceSession`) must be set before the first ``log``: the views reuse its
+    last attributor and preconditioned queries, and run inside its ``quiet()`` (training hooks
+    paused) with gradients enabled.
+    """
+
+    def __init__(self, writer: Any = None, tokenizer: Any = None, collate_fn: Optional[Callable[[list], Any]] = None,
+                 sequences: int = 3, top_tokens: int = 8, token_queries: int = 8, **kwargs: Any) -> None:
+        kwargs.setdefault("renderer", TextRenderer(tokenizer))
+        super().__init__(writer, **kwargs)
+        self.tokenizer = tokenizer
+        self.collate_fn = collate_fn
+        self.sequences = sequences
+        self.top_tokens = top_tokens
+        self.token_queries = token_queries
+        self.session: Any = None
+
+    def log_extra(self, result: AttributionResult, source: Any, step: int) -> None:
+        session = self.session
+        if session is None or self.collate_fn is None or source is None or self.sequences < 1:
+            return
+        attributor, pq = session.last_attributor, session.last_queries
+        if attributor is None or pq is None:
+            return
+        n = min(self.sequences, result.top_k)
+        with session.quiet(), torch.inference_mode(False), torch.enable_grad():
+            for q in range(min(result.num_queries, self.max_queries, self.token_queries)):
+                helpful = [int(i) for i in result.helpful_indices[q, :n]]
+                harmful = [int(i) for i in result.harmful_indices[q, :n]]
+                indices = helpful + harmful
+                examples = [source.candidate_example(i) for i in indices]
+                labels = [f"helpful #{r}" for r in range(1, n + 1)] + [f"harmful #{r}" for r in range(1, n + 1)]
+                views = token_views(attributor, pq, q, examples, indices, self.collate_fn, self.tokenizer,
+                                    top_tokens=self.top_tokens, labels=labels)
+                head = (f"**Query {q}** (dataset index {int(result.query_indices[q])}): the {n} most helpful and "
+                        f"most harmful training sequences, their {self.top_tokens} most influential tokens marked "
+                        "(**bold** = helpful, *italic* = harmful, superscript = rank).\n\n")
+                self.add_markdown(self.tag("influence_tokens", f"query_{q:03d}"), head + views.markdown, step)
+                helpful_views = views.subset(range(n))
+                self.add_figure(self.tag("influence_token_heatmaps", f"query_{q:03d}"),
+                                helpful_views.token_figure(f"query {q}: per-token influence, step {step}"), step)
+                self.add_figure(self.tag("influence_layers", f"query_{q:03d}"),
+                                helpful_views.layer_figure(f"query {q}: per-layer share, step {step}"), step)
 
 
 __all__ = [
+    "TokenReporter",
     "TokenViews",
     "decode_tokens",
     "escape_markdown",

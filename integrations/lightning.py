@@ -1,0 +1,356 @@
+"""PyTorch Lightning adapter: `InfluenceCallback` translates Trainer events into `InfluenceSession` calls.
+
+Add it to a Trainer (or to ``trainer.callbacks`` of a LightningCLI YAML with ``class_path:
+infl_plugin.integrations.lightning.InfluenceCallback``), train as usual, then open TensorBoard:
+the ``influence*`` sections hold, per scheduled attribution, which training examples helped and
+hurt each held-out query (see `infl_plugin.reporting` for every tag).
+
+Event mapping (all math lives in the core):
+
+* ``setup("fit")``: build the session, hooks on; ``teardown`` / ``on_exception``: hooks off.
+* ``on_train_start``: resolve queries (a datamodule split or a Dataset) and candidates (default:
+  the training dataset in fixed order, with the training loader's collate function).
+* ``on_train_batch_start``: announce the micro-batch; ``on_after_backward``: commit its statistics
+  with ``grad_scale = task scale / accumulate_grad_batches × AMP loss scale``; whether it ends an
+  optimizer step follows Lightning's accumulation (including the epoch's last batch).
+* ``on_train_batch_end`` after an optimizer step: attribution every ``every_n_steps``;
+  ``on_save_checkpoint``: attribution on save (then the saved state is refreshed, so a resumed run
+  continues exactly); ``on_train_end``: attribution at the end. At most one attribution per step.
+* ``state_dict`` / ``load_state_dict``: statistics, eigenbasis, counters (like ``WeightAveraging``).
+
+Hydra / OmegaConf users: `InfluenceCallbackConfig` holds the same fields as a structured config;
+`InfluenceCallback.from_config` builds the callback from it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any, List, Optional, Union
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset
+
+from infl_plugin.config import InfluenceConfig
+from infl_plugin.reporting import RENDERERS, Renderer, TensorBoardReporter
+from infl_plugin.session import InfluenceSession, make_loader, spaced_indices
+from infl_plugin.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
+
+TASKS = {"classification": ClassificationTask, "regression": RegressionTask, "causal_lm": CausalLMTask}
+SPLITS = {"train": "train_dataloader", "val": "val_dataloader", "test": "test_dataloader"}
+
+
+@dataclass
+class InfluenceCallbackConfig:
+    """Structured config with the callback's fields (``OmegaConf.structured(InfluenceCallbackConfig)``).
+
+    Datasets and custom renderers/tasks are objects, so here ``queries``, ``task`` and ``renderer``
+    are names; build with `InfluenceCallback.from_config`.
+    """
+
+    config: InfluenceConfig = field(default_factory=InfluenceConfig)
+    task: str = "classification"
+    queries: str = "val"
+    num_queries: int = 8
+    max_candidates: Optional[int] = None
+    every_n_steps: Optional[int] = None
+    on_save: bool = True
+    at_train_end: bool = True
+    top_k: int = 10
+    renderer: str = "auto"
+    image_shape: Optional[List[int]] = None
+    self_influence: bool = False
+    batch_size: Optional[int] = None
+    num_workers: int = 0
+    progress: bool = True
+    strict: bool = False
+    name: str = "influence"
+
+
+class InfluenceCallback(Callback):
+    """Tracks EK-FAC statistics during ``fit``, attributes on a schedule, reports to TensorBoard.
+
+    Args:
+        config: the `InfluenceConfig` (strategy, Fisher, layers, damping, …).
+        task: ``"classification"``, ``"regression"``, ``"causal_lm"`` or a `Task` instance; it must
+            match how ``training_step`` computes its loss (a batch mean for classification).
+        queries: held-out examples to explain: a datamodule/module split name (``"val"``,
+            ``"test"``, ``"train"``) or a Dataset; ``num_queries`` evenly spaced items are used.
+        num_queries: how many query examples.
+        candidates: training examples to score (default: the trainer's training dataset, read in
+            a fixed, unshuffled order with the training loader's collate function).
+        max_candidates: score at most this many evenly spaced candidates (``None``: all).
+        every_n_steps: attribute every n optimizer steps (``None``: not on a step count).
+        on_save: attribute whenever a checkpoint is saved during ``fit``.
+        at_train_end: attribute when training ends.
+        top_k: most helpful / harmful examples shown per query.
+        renderer: how an example is shown: ``"auto"``, ``"image"``, ``"text"``, ``"repr"`` or a
+            `Renderer`.
+        image_shape: reshape flat examples to this image shape (``[8, 8]`` for sklearn digits).
+        self_influence: also rank candidates by self-influence (finds mislabeled examples; forms
+            per-example gradients, keep off for very wide layers).
+        batch_size: batch size of the attribution passes (default: the training loader's).
+        num_workers: worker processes of the attribution loaders.
+        progress: progress bar during attribution.
+        strict: raise instead of warn when statistics or an attribution fail.
+        name: distinguishes several instances in a checkpoint (``state_key``).
+    """
+
+    def __init__(
+        self,
+        config: Optional[InfluenceConfig] = None,
+        task: Union[str, Task] = "classification",
+        queries: Union[str, Dataset] = "val",
+        num_queries: int = 8,
+        candidates: Optional[Dataset] = None,
+        max_candidates: Optional[int] = None,
+        every_n_steps: Optional[int] = None,
+        on_save: bool = True,
+        at_train_end: bool = True,
+        top_k: int = 10,
+        renderer: Union[str, Renderer] = "auto",
+        image_shape: Optional[List[int]] = None,
+        self_influence: bool = False,
+        batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        progress: bool = True,
+        strict: bool = False,
+        name: str = "influence",
+    ) -> None:
+        self.config = _config(config)
+        self.task = _task(task)
+        if isinstance(queries, str) and queries not in SPLITS:
+            raise ValueError(f"InfluenceCallback.queries must be a Dataset or one of {list(SPLITS)}, got {queries!r}")
+        if isinstance(renderer, str) and renderer not in RENDERERS:
+            raise ValueError(f"InfluenceCallback.renderer must be a Renderer or one of {list(RENDERERS)}, got {renderer!r}")
+        for label, value, minimum, optional in (("num_queries", num_queries, 1, False), ("top_k", top_k, 1, False),
+                                                ("every_n_steps", every_n_steps, 1, True),
+                                                ("max_candidates", max_candidates, 1, True),
+                                                ("batch_size", batch_size, 1, True), ("num_workers", num_workers, 0, False)):
+            _check_int(label, value, minimum, optional)
+        self.queries = queries
+        self.num_queries = num_queries
+        self.candidates = candidates
+        self.max_candidates = max_candidates
+        self.every_n_steps = every_n_steps
+        self.on_save = on_save
+        self.at_train_end = at_train_end
+        self.top_k = top_k
+        self.renderer = renderer
+        self.image_shape = list(image_shape) if image_shape is not None else None
+        self.self_influence = self_influence
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.progress = progress
+        self.strict = strict
+        self.name = name
+        self.session: Optional[InfluenceSession] = None
+        self._trainer: Optional[pl.Trainer] = None
+        self._batch: Any = None
+        self._stepped_at: Optional[int] = None
+        self._pending_state: Optional[dict] = None
+
+    @classmethod
+    def from_config(cls, cfg: Any, **objects: Any) -> "InfluenceCallback":
+        """Build from an `InfluenceCallbackConfig`, a DictConfig or a mapping of its fields.
+
+        Unknown fields raise ``ValueError`` naming them; ``objects`` override fields with objects
+        (``candidates=dataset``, ``task=MyTask()``, ``renderer=MyRenderer()``).
+        """
+        try:
+            from omegaconf import DictConfig, OmegaConf
+
+            if isinstance(cfg, DictConfig):
+                cfg = OmegaConf.to_container(cfg, resolve=True)
+        except ImportError:  # pragma: no cover - omegaconf is a dependency
+            pass
+        values = {f.name: getattr(cfg, f.name) for f in fields(cfg)} if isinstance(cfg, InfluenceCallbackConfig) else dict(cfg)
+        known = {f.name for f in fields(InfluenceCallbackConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"InfluenceCallback has no field(s) {unknown}; allowed fields: {sorted(known)}")
+        values.update(objects)
+        return cls(**values)
+
+    @property
+    def state_key(self) -> str:
+        return f"InfluenceCallback[{self.name}]"
+
+    # ----------------------------------------------------------------------------- lifecycle
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != TrainerFn.FITTING.value:
+            return
+        self._trainer = trainer
+        self._stepped_at = None
+        if self.session is not None and self.session.model is not pl_module:  # a new fit on another module
+            self.session.close()
+            self.session = None
+        if self.session is None:
+            self.session = InfluenceSession(
+                pl_module, self.task, self.config, every_n_steps=self.every_n_steps, on_save=self.on_save,
+                at_train_end=self.at_train_end, top_k=self.top_k, self_influence=self.self_influence,
+                is_main=trainer.is_global_zero, progress=self.progress, log=rank_zero_info, strict=self.strict,
+            )
+        else:
+            self.session.attach()
+        if self._pending_state is not None:
+            self.session.load_state_dict(self._pending_state, rank=trainer.global_rank)
+            self._pending_state = None
+        if trainer.is_global_zero:
+            self._connect_logger(trainer)
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if self.session is not None:
+            self.session.close()
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        if self.session is not None:
+            self.session.close()
+
+    def _connect_logger(self, trainer: "pl.Trainer") -> None:
+        tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if tensorboard is not None:
+            self.session.reporter = TensorBoardReporter(tensorboard.experiment, self.renderer, self.image_shape)
+            self.session.artifact_dir = tensorboard.log_dir
+        else:
+            warnings.warn("InfluenceCallback: the trainer has no TensorBoardLogger; attributions are written as "
+                          "artifacts only", stacklevel=2)
+            self.session.artifact_dir = trainer.log_dir or trainer.default_root_dir
+
+    # ----------------------------------------------------------------------------- data
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        train = trainer.train_dataloader
+        if not isinstance(train, DataLoader):
+            raise ValueError("InfluenceCallback needs a single training DataLoader to read candidates from; "
+                             f"got {type(train).__name__}")
+        batch_size = self.batch_size or train.batch_size or 32
+        candidates = self.candidates if self.candidates is not None else train.dataset
+        candidate_indices = spaced_indices(len(candidates), self.max_candidates or len(candidates))
+        if isinstance(self.queries, str):
+            query_loader = self._split_loader(trainer, pl_module, self.queries)
+            queries, query_collate = query_loader.dataset, query_loader.collate_fn
+        else:
+            queries, query_collate = self.queries, train.collate_fn
+        query_indices = spaced_indices(len(queries), self.num_queries)
+        self.session.set_data(
+            make_loader(queries, batch_size, query_collate, query_indices, self.num_workers),
+            make_loader(candidates, batch_size, train.collate_fn, candidate_indices, self.num_workers),
+            query_dataset=queries, candidate_dataset=candidates,
+            query_indices=query_indices, candidate_indices=candidate_indices,
+        )
+
+    def _split_loader(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", split: str) -> DataLoader:
+        source = trainer.datamodule if trainer.datamodule is not None else pl_module
+        try:
+            loader = getattr(source, SPLITS[split])()
+        except Exception as error:
+            raise ValueError(f"InfluenceCallback.queries={split!r}: could not build {type(source).__name__}."
+                             f"{SPLITS[split]}() ({error}); pass a Dataset or another split") from error
+        if not isinstance(loader, DataLoader):
+            raise ValueError(f"InfluenceCallback.queries={split!r}: {SPLITS[split]}() must return one DataLoader")
+        return loader
+
+    # ----------------------------------------------------------------------------- training events
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
+                             batch_idx: int) -> None:
+        self._batch = batch
+        if self.session is not None and pl_module.training:
+            self.session.before_forward(batch)
+
+    def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.session is None or not pl_module.training or self._batch is None:
+            return
+        automatic = pl_module.automatic_optimization
+        accumulation = trainer.accumulate_grad_batches if automatic else 1
+        try:
+            scale = self.task.training_loss_scale(self._batch) / accumulation * _amp_scale(trainer)
+        except Exception:  # the session counts and warns about bad batches
+            scale = float("nan")
+        self.session.after_backward(self._batch, grad_scale=scale, optimizer_step=_ends_optimizer_step(trainer, automatic))
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._batch = None
+        if self.session is None or self._stepped_at == trainer.global_step:
+            return
+        self._stepped_at = trainer.global_step
+        self.session.maybe_attribute(trainer.global_step, "every_n_steps")
+
+    def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict) -> None:
+        session = self.session
+        if session is None or not session.attached or trainer.state.fn != TrainerFn.FITTING or not session.has_data:
+            return
+        before = session.attributions
+        session.maybe_attribute(trainer.global_step, "save")
+        if session.attributions != before:  # the callback state was dumped before this hook: refresh it
+            checkpoint.setdefault("callbacks", {})[self.state_key] = self.state_dict()
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.session is not None and self.session.has_data:
+            self.session.maybe_attribute(trainer.global_step, "train_end")
+
+    # ----------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        if self.session is None:
+            return dict(self._pending_state or {})
+        return self.session.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.session is None:
+            self._pending_state = state_dict
+        else:
+            self.session.load_state_dict(state_dict, rank=self._trainer.global_rank if self._trainer else 0)
+
+
+def _config(config: Any) -> InfluenceConfig:
+    if config is None:
+        return InfluenceConfig()
+    if isinstance(config, InfluenceConfig):
+        return config
+    if isinstance(config, dict):
+        return InfluenceConfig.from_dict(config)
+    raise ValueError(f"InfluenceCallback.config must be an InfluenceConfig or a mapping of its fields, got {type(config).__name__}")
+
+
+def _task(task: Any) -> Task:
+    if isinstance(task, Task):
+        return task
+    if isinstance(task, str) and task in TASKS:
+        return TASKS[task]()
+    raise ValueError(f"InfluenceCallback.task must be a Task or one of {list(TASKS)}, got {task!r}")
+
+
+def _check_int(label: str, value: Any, minimum: int, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"an integer >= {minimum}" + (" or None" if optional else "")
+        raise ValueError(f"InfluenceCallback.{label} must be {allowed}, got {value!r}")
+
+
+def _amp_scale(trainer: "pl.Trainer") -> float:
+    """The loss scale of the 16-mixed GradScaler for the backward just run (1 otherwise)."""
+    plugin = trainer.precision_plugin
+    scaler = getattr(plugin, "scaler", None) if isinstance(plugin, MixedPrecision) else None
+    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+
+def _ends_optimizer_step(trainer: "pl.Trainer", automatic: bool) -> bool:
+    """Whether the current micro-batch ends an optimizer step (Lightning's own accumulation rule)."""
+    if not automatic:
+        return True
+    epoch_loop = trainer.fit_loop.epoch_loop
+    should_accumulate = getattr(epoch_loop, "_should_accumulate", None)
+    if callable(should_accumulate):
+        return not should_accumulate()
+    return epoch_loop.batch_progress.current.ready % trainer.accumulate_grad_batches == 0
+
+
+__all__ = ["InfluenceCallback", "InfluenceCallbackConfig", "TASKS", "SPLITS"]

@@ -1,0 +1,507 @@
+"""InfluenceTrainerCallback inside a real ``transformers.Trainer`` on tiny GPT-2, Llama and BERT models.
+
+Ground truths: training without the callback (bit for bit), post-hoc `fit_factors` and explicit
+statistics passes on the same examples at a frozen model (learning rate 0), the same run with a
+k-times larger batch / without gradient checkpointing / with less padding, and an uninterrupted
+run for resumption. Models are float32 (the Trainer's default); tolerances are float32 summation-
+order differences (different batch shapes, padding) on float64 accumulators: rtol 1e-4 and an
+absolute floor of 1e-6 × the largest entry.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+from pydoc_data.topics import topics
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments)
+from transformers.utils import logging as hf_logging
+
+import infl_plugin as ip
+from infl_plugin.artifacts import read_artifacts
+from infl_plugin.fitting import accumulate, new_statistics
+from infl_plugin.hooks import LayerHooks
+from infl_plugin.integrations.huggingface import InfluenceTrainerCallback, load_state, tensorboard_logdir
+from infl_plugin.passes import isolated
+from infl_plugin.session import make_loader
+from infl_plugin.token_report import token_views
+
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
+pytestmark = [pytest.mark.filterwarnings("ignore:infl_plugin. not tracking requested modules"),
+              pytest.mark.filterwarnings("ignore:infl_plugin. InfluenceTrainerCallback got no queries")]
+
+SEQ = 16
+RTOL = 1e-4
+
+
+# --------------------------------------------------------------------------------- data and models
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer without merges: 256 byte symbols + ``<pad>`` (id 256); nothing downloaded."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {symbol: i for i, symbol in enumerate(alphabet)}
+    vocab["<pad>"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>")
+
+
+TOKENIZER = byte_tokenizer()
+VOCAB = len(TOKENIZER)
+PAD = TOKENIZER.pad_token_id
+
+
+def lm_examples(n: int = 16, offset: int = 0) -> list[dict]:
+    """Passages of 5..SEQ bytes of the CPython language reference (variable lengths → padding)."""
+    text = topics["compound"]
+    out = []
+    for i in range(n):
+        start = 37 * (i + offset)
+        ids = TOKENIZER(text[start: start + 5 + (i * 7) % (SEQ - 4)])["input_ids"][:SEQ]
+        out.append({"input_ids": ids})
+    return out
+
+
+def classification_examples(n: int = 16) -> list[dict]:
+    return [dict(ex, label=i % 3) for i, ex in enumerate(lm_examples(n, offset=50))]
+
+
+class Collate:
+    """Right-pads ``input_ids`` (``attention_mask`` 0, ``labels`` -100 on padding) to ``pad_to`` or the longest."""
+
+    def __init__(self, pad_to: int | None = None) -> None:
+        self.pad_to = pad_to
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        width = self.pad_to or max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), width), PAD)
+        mask = torch.zeros(len(examples), width, dtype=torch.long)
+        labels = torch.full((len(examples), width), -100)
+        for n, e in enumerate(examples):
+            length = len(e["input_ids"])
+            ids[n, :length] = torch.tensor(e["input_ids"])
+            mask[n, :length] = 1
+            labels[n, :length] = torch.tensor(e.get("labels", e["input_ids"]))
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if "label" in examples[0]:
+            batch["labels"] = torch.tensor([e["label"] for e in examples])
+        else:
+            batch["labels"] = labels
+        return batch
+
+
+def gpt2(dropout: float = 0.0) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                      resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                                      bos_token_id=PAD, eos_token_id=PAD, pad_token_id=PAD))
+
+
+def llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                                        bos_token_id=PAD, eos_token_id=PAD, pad_token_id=PAD))
+
+
+def bert() -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=2, intermediate_size=64,
+                                                    max_position_embeddings=32, num_labels=3,
+                                                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                                    pad_token_id=PAD))
+
+
+MODELS = {"gpt2": gpt2, "llama": llama, "bert": bert}
+LAYERS = {"gpt2": ["transformer.h.*.attn.c_*", "transformer.h.*.mlp.c_*"],
+          "llama": ["model.layers.*_proj"],
+          "bert": ["bert.encoder.layer.*.dense", "bert.encoder.layer.*.query", "classifier"]}
+
+
+def examples_for(kind: str, n: int = 16) -> list[dict]:
+    return classification_examples(n) if kind == "bert" else lm_examples(n)
+
+
+def make_trainer(model, items, out, callback=None, collate=None, eval_dataset=None, **overrides) -> Trainer:
+    settings = dict(output_dir=str(out), per_device_train_batch_size=4, num_train_epochs=1, learning_rate=0.0,
+                    report_to="none", use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True,
+                    seed=0, data_seed=0, per_device_eval_batch_size=8)
+    settings.update(overrides)
+    return Trainer(model=model, args=TrainingArguments(**settings), train_dataset=items, eval_dataset=eval_dataset,
+                   data_collator=collate or Collate(), processing_class=TOKENIZER,
+                   callbacks=[callback] if callback is not None else [])
+
+
+def config(kind: str, **overrides) -> ip.InfluenceConfig:
+    values = dict(strategy="kfac", modules=LAYERS[kind], accumulation_dtype="float64")
+    values.update(overrides)
+    return ip.InfluenceConfig(**values)
+
+
+def task_for(kind: str) -> ip.Task:
+    return ip.ClassificationTask() if kind == "bert" else ip.CausalLMTask()
+
+
+def statistics_of(callback: InfluenceTrainerCallback) -> dict:
+    return {name: s for name, s in callback.session.tracker.statistics.totals.items()}
+
+
+def assert_statistics_close(left: dict, right: dict) -> None:
+    assert left.keys() == right.keys()
+    for name in left:
+        a, b = left[name], right[name]
+        assert a.tokens == b.tokens and a.examples == b.examples, name
+        for attr in ("a_sum", "s_sum"):
+            x, y = getattr(a, attr), getattr(b, attr)
+            torch.testing.assert_close(x, y, rtol=RTOL, atol=1e-6 * float(y.abs().max()), msg=f"{name}.{attr}")
+
+
+def fitted_statistics(model, task, items, cfg, batch_size=8) -> dict:
+    """Covariances from an explicit pass over ``items`` (eval mode, per-example losses, no scaling)."""
+    layers = ip.select_layers(model, cfg.modules, cfg.module_types)
+    statistics = new_statistics(layers, cfg)
+    with LayerHooks(model, layers) as hooks, isolated(model):
+        accumulate(model, task, hooks, statistics, make_loader(items, batch_size, Collate()), cfg, torch.Generator())
+    return statistics.totals
+
+
+def hooks_left(model: torch.nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules()
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks]
+
+
+# --------------------------------------------------------------------------------- training unchanged
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_training_is_bit_for_bit_unchanged(tmp_path, accumulation):
+    """Dropout on, attribution mid-run (checkpoint saves): parameters and losses identical to a plain run."""
+    items = lm_examples(16)
+    runs = []
+    for name, callback in (("plain", None), ("tracked", InfluenceTrainerCallback(
+            queries=lm_examples(2, offset=90), config=config("gpt2", strategy="ekfac"), top_k=3, token_sequences=1))):
+        model = gpt2(dropout=0.1)
+        trainer = make_trainer(model, items, tmp_path / name, callback, learning_rate=1e-2, max_steps=4,
+                               gradient_accumulation_steps=accumulation, per_device_train_batch_size=2,
+                               save_strategy="steps", save_steps=2, logging_strategy="steps", logging_steps=1)
+        trainer.train()
+        runs.append((model, [h.get("loss") for h in trainer.state.log_history]))
+        if callback is not None:
+            assert callback.session.attributions == 2 and callback.session.failed_attributions == 0
+    (plain, plain_losses), (tracked, tracked_losses) = runs
+    assert plain_losses == tracked_losses
+    for (name, p), q in zip(plain.named_parameters(), tracked.parameters()):
+        assert torch.equal(p, q), name
+
+
+# --------------------------------------------------------------------------------- statistics
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert"])
+def test_zero_lr_statistics_equal_an_explicit_pass(tmp_path, kind):
+    """Frozen model: the training backward's covariances = an explicit pass over the same examples."""
+    items = examples_for(kind)
+    callback = InfluenceTrainerCallback(config=config(kind))
+    model = MODELS[kind]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(model, items, tmp_path, callback).train()
+    assert callback.session.tracker.optimizer_steps == 4
+    expected = fitted_statistics(model, task_for(kind), items, config(kind))
+    assert_statistics_close(statistics_of(callback), expected)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_zero_lr_ekfac_factors_equal_fit_factors(tmp_path, kind):
+    """At the first attribution the callback's EK-FAC factors = `fit_factors` on the training set."""
+    items = examples_for(kind)
+    cfg = config(kind, strategy="ekfac")
+    callback = InfluenceTrainerCallback(queries=lm_examples(2, offset=90), config=cfg, top_k=3, token_sequences=0)
+    model = MODELS[kind]()
+    make_trainer(model, items, tmp_path, callback).train()
+    tracked = callback.session.last_factors
+    fitted = ip.fit_factors(model, task_for(kind), make_loader(items, 8, Collate()), cfg)
+    generator = torch.Generator().manual_seed(0)
+    for name, layer in fitted.layers.items():
+        v = torch.randn(fitted.shapes[name], generator=generator, dtype=torch.float64)
+        expected = layer.precondition(v)
+        torch.testing.assert_close(tracked.layers[name].precondition(v), expected, rtol=1e-3,
+                                   atol=1e-5 * float(expected.abs().max()), msg=name)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert"])
+def test_gradient_accumulation_equals_a_larger_batch(tmp_path, kind):
+    """k = 2 micro-batches of 4 = one batch of 8 (BERT: the Trainer does not divide its loss by k)."""
+    items = examples_for(kind)
+    stats = []
+    for accumulation, batch in ((2, 4), (1, 8)):
+        callback = InfluenceTrainerCallback(config=config(kind))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            make_trainer(MODELS[kind](), items, tmp_path / str(accumulation), callback,
+                         per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation).train()
+        assert callback.session.tracker.optimizer_steps == 2
+        stats.append(statistics_of(callback))
+    assert_statistics_close(stats[0], stats[1])
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_gradient_checkpointing_equals_no_checkpointing(tmp_path, kind):
+    """Recomputed forwards fire the layer hooks again; each micro-batch still counts once."""
+    items = examples_for(kind)
+    stats = []
+    for checkpointing in (False, True):
+        callback = InfluenceTrainerCallback(config=config(kind))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            make_trainer(MODELS[kind](), items, tmp_path / str(checkpointing), callback,
+                         gradient_checkpointing=checkpointing).train()
+        assert callback.session.tracker.micro_batches == 4
+        stats.append(statistics_of(callback))
+    assert_statistics_close(stats[0], stats[1])
+
+
+def test_padding_changes_neither_statistics_nor_scores(tmp_path):
+    items = lm_examples(16)
+    stats, scores = [], []
+    for pad_to in (SEQ, SEQ + 8):
+        callback = InfluenceTrainerCallback(queries=lm_examples(2, offset=90), config=config("gpt2", strategy="ekfac"),
+                                            token_sequences=0, logdir=str(tmp_path / f"logs{pad_to}"))
+        make_trainer(gpt2(), items, tmp_path / str(pad_to), callback, collate=Collate(pad_to)).train()
+        stats.append(statistics_of(callback))
+        scores.append(callback.session.last_result.scores)
+    assert_statistics_close(stats[0], stats[1])
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-3, atol=1e-4 * float(scores[1].abs().max()))
+
+
+def test_loss_normalisation_is_measured_per_model(tmp_path):
+    """GPT-2 divides by num_items_in_batch; BERT's classifier accepts the keyword but takes a mean."""
+    modes = {}
+    for kind in ("gpt2", "bert"):
+        callback = InfluenceTrainerCallback(config=config(kind))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            make_trainer(MODELS[kind](), examples_for(kind), tmp_path / kind, callback,
+                         gradient_accumulation_steps=2).train()
+        modes[kind] = callback.inputs.scale.mode
+    assert modes == {"gpt2": "num_items", "bert": "mean"}
+
+
+# --------------------------------------------------------------------------------- outputs
+def test_event_files_artifacts_and_checkpoint_state(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    items = lm_examples(16)
+    queries = lm_examples(2, offset=90)
+    callback = InfluenceTrainerCallback(queries=queries, config=config("gpt2", strategy="ekfac"), top_k=3)
+    make_trainer(gpt2(), items, tmp_path, callback, learning_rate=1e-2, save_strategy="steps", save_steps=2).train()
+    logdir = tensorboard_logdir(callback_args := TrainingArguments(output_dir=str(tmp_path), report_to="none"))
+    assert logdir == os.path.join(callback_args.output_dir, "runs")
+    (event_file,) = glob.glob(os.path.join(logdir, "events.out.tfevents.*"))
+    events = EventAccumulator(event_file, size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    for q in range(2):
+        for tag in (f"influence/query_{q:03d}", f"influence_tokens/query_{q:03d}"):
+            assert f"{tag}/text_summary" in tags["tensors"]
+        for tag in (f"influence_token_heatmaps/query_{q:03d}", f"influence_layers/query_{q:03d}"):
+            assert tag in tags["images"]
+        assert f"influence_scores/query_{q:03d}" in tags["histograms"]
+    assert {"influence_plots/score_ccdf", "influence_plots/layer_shares"} <= set(tags["images"])
+    assert [e.step for e in events.Scalars("influence_top/query_000/helpful_1")] == [2, 4]
+    text = events.Tensors("influence_tokens/query_000/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert "helpful #1" in text and "harmful #1" in text and "| rank | token |" in text
+
+    rows = read_artifacts(logdir, as_dataframe=False)
+    assert [r["step"] for r in rows] == [2, 4] and [r["reason"] for r in rows] == ["save", "save"]
+    for row in rows:
+        assert row["scores"].shape == (2, len(items))
+        top = row["scores"].argmax(1)
+        assert (row["helpful_indices"][:, 0] == top).all()
+        assert row["helpful_scores"][:, 0] == pytest.approx(row["scores"].max(1))
+        assert row["layer_shares"].sum(1) == pytest.approx([1.0, 1.0])
+
+    state, meta = load_state(str(tmp_path / "checkpoint-2"))
+    assert meta == {"global_step": 2}
+    assert state["tracker"]["optimizer_steps"] == 2 and state["last_attribution_step"] == 2
+    with open(tmp_path / "checkpoint-2" / "influence_state.json") as handle:
+        assert json.load(handle)["state"]["__dict__"]["version"] == 1
+
+
+def test_bert_classifier_attributes_on_a_step_schedule_and_on_evaluate(tmp_path, recwarn):
+    """every_n_steps=3 and on_evaluate (eval at steps 2 and 4); the train-end attribution at step 4 is not repeated."""
+    items = classification_examples(16)
+    callback = InfluenceTrainerCallback(queries=classification_examples(2)[:2], config=config("bert"), top_k=3,
+                                        every_n_steps=3, on_save=False, on_evaluate=True, token_sequences=1)
+    trainer = make_trainer(bert(), items, tmp_path, callback, eval_dataset=items[:4], learning_rate=1e-2, max_steps=4,
+                           eval_strategy="steps", eval_steps=2)
+    trainer.train()
+    rows = read_artifacts(tensorboard_logdir(trainer.args), as_dataframe=False)
+    assert [(r["step"], r["reason"]) for r in rows] == [(2, "evaluate"), (3, "every_n_steps"), (4, "evaluate")]
+    assert rows[-1]["scores"].shape == (2, 16)
+    assert not [w for w in recwarn if "failed" in str(w.message)]
+    # the classifier head sees one pooled vector per sequence: its share is kept apart from the tokens
+    session = callback.session
+    views = token_views(session.last_attributor, session.last_queries, 1, items[:3], [0, 1, 2], Collate())
+    head = views.layer_names.index("classifier")
+    for i in range(3):
+        assert views.sequence_scores[i][head] != 0 and views.token_scores[i][head].abs().sum() == 0
+        total = views.per_token(i).sum() + views.sequence_scores[i].sum()
+        assert float(total) == pytest.approx(float(session.last_result.scores[1, i]), rel=1e-4)
+    assert "classification head" in views.markdown
+
+
+def test_resume_from_checkpoint_continues_exactly(tmp_path):
+    items = lm_examples(16)
+    queries = lm_examples(2, offset=90)
+
+    def run(out, resume=None):
+        callback = InfluenceTrainerCallback(queries=queries, config=config("gpt2", strategy="ekfac"), top_k=3,
+                                            token_sequences=0)
+        trainer = make_trainer(gpt2(), items, out, callback, learning_rate=1e-2, max_steps=4,
+                               per_device_train_batch_size=2, save_strategy="steps", save_steps=2)
+        trainer.train(resume_from_checkpoint=resume)
+        return callback
+
+    whole = run(tmp_path / "whole")
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "resumed" / "checkpoint-2"))
+    assert resumed.session.attributions == whole.session.attributions == 2
+    expected, _ = load_state(str(tmp_path / "whole" / "checkpoint-4"))
+    got, _ = load_state(str(tmp_path / "resumed" / "checkpoint-4"))
+    _assert_trees_equal(got, expected)
+    torch.testing.assert_close(resumed.session.last_result.scores, whole.session.last_result.scores, rtol=1e-5, atol=0)
+
+
+def _assert_trees_equal(got, expected, path="state"):
+    if isinstance(expected, torch.Tensor):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9 * float(expected.abs().max() or 1), msg=path)
+    elif isinstance(expected, dict):
+        assert got.keys() == expected.keys(), path
+        for key in expected:
+            _assert_trees_equal(got[key], expected[key], f"{path}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(got) == len(expected), path
+        for i, (g, e) in enumerate(zip(got, expected)):
+            _assert_trees_equal(g, e, f"{path}[{i}]")
+    else:
+        assert got == expected, path
+
+
+# --------------------------------------------------------------------------------- robustness
+class _Boom(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            raise RuntimeError("boom")
+
+
+def test_no_hook_remains_after_training_or_an_exception(tmp_path):
+    model = gpt2()
+    make_trainer(model, lm_examples(16), tmp_path / "ok", InfluenceTrainerCallback(config=config("gpt2"))).train()
+    assert hooks_left(model) == []
+    model = gpt2()
+    trainer = make_trainer(model, lm_examples(16), tmp_path / "boom", InfluenceTrainerCallback(config=config("gpt2")))
+    trainer.add_callback(_Boom())
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    assert hooks_left(model) == []
+    assert "_run_epoch" not in trainer.__dict__
+
+
+def test_a_failing_micro_batch_only_warns(tmp_path, monkeypatch):
+    items = lm_examples(16)
+    callback = InfluenceTrainerCallback(config=config("gpt2"))
+    model = gpt2()
+    trainer = make_trainer(model, items, tmp_path, callback, learning_rate=1e-2)
+    original = ip.InfluenceTracker.step
+    calls = []
+
+    def flaky(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise FloatingPointError("bad batch")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ip.InfluenceTracker, "step", flaky)
+    with pytest.warns(UserWarning, match="bad batch"):
+        trainer.train()
+    assert callback.session.failed_batches == 1 and trainer.state.global_step == 4
+    assert hooks_left(model) == []
+
+
+def test_torch_compile_is_refused_with_a_clear_message(tmp_path):
+    trainer = make_trainer(gpt2(), lm_examples(8), tmp_path, InfluenceTrainerCallback(config=config("gpt2")),
+                           torch_compile=True)
+    with pytest.raises(RuntimeError, match="torch.compile"):
+        trainer.train()
+
+
+def test_bf16_autocast_statistics_track_float32(tmp_path):
+    """bf16 activations/gradients: same statistics as float32 up to bf16 precision (rtol 5e-2)."""
+    items = lm_examples(16)
+    stats = []
+    for bf16 in (False, True):
+        callback = InfluenceTrainerCallback(config=config("gpt2"))
+        make_trainer(gpt2(), items, tmp_path / str(bf16), callback, bf16=bf16).train()
+        stats.append(statistics_of(callback))
+    for name, a in stats[1].items():
+        b = stats[0][name]
+        assert a.tokens == b.tokens
+        for attr in ("a_sum", "s_sum"):
+            x, y = getattr(a, attr), getattr(b, attr)
+            assert torch.isfinite(x).all()
+            assert float((x - y).norm() / y.norm()) < 5e-2, f"{name}.{attr}"
+
+
+def test_amp_grad_scaler_scale_is_undone(tmp_path):
+    """A GradScaler multiplies the backpropagated loss by 2^k (exact in float) and doubles it after every
+    step (growth_interval=1): the statistics must equal those of a run without one."""
+    items = lm_examples(16)
+    stats = []
+    for scaled in (False, True):
+        callback = InfluenceTrainerCallback(config=config("gpt2"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = make_trainer(gpt2(), items, tmp_path / str(scaled), callback, gradient_accumulation_steps=2,
+                                   per_device_train_batch_size=2, max_grad_norm=0.0)
+            if scaled:
+                trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
+            trainer.train()
+        if scaled:
+            assert trainer.accelerator.scaler.get_scale() == 2.0 ** 14  # 4 optimizer steps, each doubling
+        stats.append(statistics_of(callback))
+    assert_statistics_close(stats[1], stats[0])
+
+
+def test_peft_lora_tracks_the_adapter_layers(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(gpt2(), peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True,
+                                                        lora_dropout=0.0))
+    callback = InfluenceTrainerCallback(queries=lm_examples(2, offset=90), config=ip.InfluenceConfig(strategy="kfac"),
+                                        top_k=3)
+    make_trainer(model, lm_examples(16), tmp_path, callback, learning_rate=1e-2).train()
+    names = callback.session.tracker.statistics.totals.keys()
+    assert names and all("lora_" in name for name in names)
+    assert callback.session.last_result is not None
+    assert hooks_left(model) == []
+
+
+@pytest.mark.slow
+def test_language_model_example_runs(tmp_path):
+    """The README example end to end on 48 passages (the full run takes minutes)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hf_causal_lm", os.path.join(os.path.dirname(__file__), "..",
+                                                                               "examples", "hf_causal_lm.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = example.main(["--output-dir", str(tmp_path), "--epochs", "1", "--max-passages", "48"])
+    result = out["result"]
+    assert result.scores.shape == (3, 48) and result.reason == "save"
+    rows = read_artifacts(str(tmp_path / "runs"), as_dataframe=False)
+    assert [r["step"] for r in rows] == [3]

@@ -1,0 +1,370 @@
+"""InfluenceCallback inside real Lightning fits: training unchanged, factors equal post-hoc fits,
+TensorBoard/artifact contents, resume, hook hygiene, configuration, the LightningCLI example."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import infl_plugin as ip
+from infl_plugin.artifacts import read_artifacts
+from infl_plugin.integrations.lightning import InfluenceCallback, InfluenceCallbackConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "lightning"
+N_TRAIN, BATCH = 48, 8  # 6 optimizer steps per epoch
+
+
+def _data(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N_TRAIN + 8, 6, generator=g)
+    y = (x[:, :3].sum(1) > 0).long() + (x[:, 3:].sum(1) > 0.5).long()
+    return TensorDataset(x[:N_TRAIN], y[:N_TRAIN]), TensorDataset(x[N_TRAIN:], y[N_TRAIN:])
+
+
+class Net(pl.LightningModule):
+    def __init__(self, lr: float = 0.1, dropout: float = 0.0, batch_size: int = BATCH, shuffle: bool = False,
+                 fail_at: int | None = None) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3))
+        self.lr, self.batch_size, self.shuffle, self.fail_at = lr, batch_size, shuffle, fail_at
+        self.train_set, self.val_set = _data()
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        if self.fail_at is not None and self.global_step >= self.fail_at:
+            raise RuntimeError("training failed on purpose")
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=self.shuffle)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=4)
+
+
+def _trainer(tmp_path, callbacks=(), epochs: int = 1, logger=False, **kwargs) -> pl.Trainer:
+    options = dict(max_epochs=epochs, accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                   limit_val_batches=0, default_root_dir=str(tmp_path), deterministic=True)
+    options.update(kwargs)
+    return pl.Trainer(callbacks=list(callbacks), **options)
+
+
+def _callback(**kwargs) -> InfluenceCallback:
+    options = dict(queries="val", num_queries=2, top_k=3, progress=False, strict=True)
+    options.update(kwargs)
+    return InfluenceCallback(**options)
+
+
+def _parameters(module: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def _assert_same_operator(a: ip.Factors, b: ip.Factors, rtol: float) -> None:
+    """Both factors apply the same (G + λI)⁻¹ (compared on random matrices: eigenvectors are only
+    defined up to sign/rotation within repeated eigenvalues, the operator is not)."""
+    g = torch.Generator().manual_seed(0)
+    for name, shape in a.shapes.items():
+        v = torch.randn(5, *shape, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(a.precondition(name, v), b.precondition(name, v), rtol=rtol, atol=0.0)
+
+
+def _post_hoc(module: Net, batch_size: int = BATCH, config: ip.InfluenceConfig | None = None) -> ip.Factors:
+    loader = DataLoader(module.train_set, batch_size=batch_size, shuffle=False)
+    return ip.fit_factors(module, ip.ClassificationTask(), loader, config or ip.InfluenceConfig())
+
+
+# ------------------------------------------------------------------------------------ training unchanged
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_training_is_bit_for_bit_unchanged(tmp_path, accumulate):
+    """Dropout and a globally-seeded shuffle make any stray RNG draw or mode change visible."""
+    results = []
+    for with_callback in (False, True):
+        pl.seed_everything(0)
+        module = Net(dropout=0.3, shuffle=True)
+        callbacks = [_callback(every_n_steps=1, self_influence=True, config=ip.InfluenceConfig(fisher="sampled"))] \
+            if with_callback else []
+        _trainer(tmp_path, callbacks, epochs=2, accumulate_grad_batches=accumulate).fit(module)
+        results.append(_parameters(module))
+        if with_callback:
+            assert callbacks[0].session.attributions >= 3
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+# ------------------------------------------------------------------------------------ factors vs post hoc
+def test_factors_equal_post_hoc_fit_with_zero_learning_rate(tmp_path):
+    """lr = 0 keeps θ fixed, so the training backward sees exactly what fit_factors' passes see.
+
+    1 epoch: the first attribution's bounded eigenvalue pass. 2 epochs: eigenvalues accumulated from
+    the second epoch's training backward in the basis refreshed at the end of the first. Tolerance
+    1e-4: the training path rescales mean-loss gradients back to per-example ones (float32 sums).
+    """
+    steps = N_TRAIN // BATCH
+    for epochs in (1, 2):
+        module = Net(lr=0.0)
+        callback = _callback(every_n_steps=steps)
+        _trainer(tmp_path, [callback], epochs=epochs).fit(module)
+        assert callback.session.last_attribution_step == epochs * steps
+        _assert_same_operator(callback.session.last_factors, _post_hoc(module), rtol=1e-4)
+
+
+def test_gradient_accumulation_equals_larger_batch(tmp_path):
+    factors = []
+    for batch_size, accumulate in ((BATCH, 2), (2 * BATCH, 1)):
+        pl.seed_everything(0)
+        module = Net(lr=0.0, batch_size=batch_size)
+        callback = _callback(every_n_steps=N_TRAIN // (2 * BATCH))
+        _trainer(tmp_path, [callback], epochs=2, accumulate_grad_batches=accumulate).fit(module)
+        assert callback.session.tracker.optimizer_steps == 2 * N_TRAIN // (2 * BATCH)
+        factors.append(callback.session.last_factors)
+    _assert_same_operator(*factors, rtol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_statistics_match_fp32(tmp_path, precision):
+    """The 16-mixed loss scale (2^12 here) is undone: S agrees with fp32 to reduced-precision
+    accuracy (relative Frobenius error < 5 %; bf16 has an 8-bit mantissa), not off by 2^24."""
+    covariances = []
+    for setting in ("32", precision):
+        pl.seed_everything(0)
+        module = Net(lr=0.0)
+        callback = _callback(at_train_end=False)
+        kwargs = {"precision": setting}
+        if setting == "16-mixed":  # Lightning gives CPU no GradScaler by default: bring one
+            kwargs = {"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0 ** 12))]}
+        _trainer(tmp_path, [callback], **kwargs).fit(module)
+        statistics = callback.session.tracker.statistics
+        covariances.append({name: statistics.covariance(name)[1] for name in statistics.totals})
+    for name, reference in covariances[0].items():
+        error = (covariances[1][name] - reference).norm() / reference.norm()
+        assert error < 0.05, (name, float(error))
+
+
+# ------------------------------------------------------------------------------------ TensorBoard + artifacts
+def test_tensorboard_tags_and_artifacts_agree(tmp_path):
+    steps = N_TRAIN // BATCH
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    callback = _callback(every_n_steps=steps, self_influence=True, renderer="image", image_shape=[2, 3])
+    _trainer(tmp_path, [callback], epochs=2, logger=logger).fit(Net())
+    logdir = Path(logger.log_dir)
+    frame = read_artifacts(logdir)
+    assert frame["step"].tolist() == [steps, 2 * steps]
+    acc = EventAccumulator(str(logdir), size_guidance={"images": 0, "tensors": 0, "histograms": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    last = frame.iloc[-1]
+    for q in range(2):
+        texts = acc.Tensors(f"influence/query_{q:03d}/text_summary")
+        assert [t.step for t in texts] == [steps, 2 * steps]
+        markdown = texts[-1].tensor_proto.string_val[0].decode()
+        rows = [r for r in markdown.splitlines() if re.match(r"\| \d+ \|", r)]
+        assert len(rows) == 2 * 3  # k helpful rows then k harmful rows
+        logged = [int(r.split("|")[2]) for r in rows]
+        assert logged == last["helpful_indices"][q].tolist() + last["harmful_indices"][q].tolist()
+        scalar = acc.Scalars(f"influence_top/query_{q:03d}/helpful_1")[-1]
+        assert scalar.step == 2 * steps and scalar.value == pytest.approx(float(last["helpful_scores"][q, 0]), rel=1e-6)
+        assert f"influence_examples/query_{q:03d}" in tags["images"]
+        histogram = acc.Histograms(f"influence_scores/query_{q:03d}")[-1]
+        assert histogram.histogram_value.num == last["num_candidates"] == N_TRAIN
+        np.testing.assert_allclose(histogram.histogram_value.sum, last["scores"][q].sum(), rtol=1e-4)
+    assert {"influence_plots/score_ccdf", "influence_plots/layer_shares"} <= set(tags["images"])
+    assert "influence/self_influence/text_summary" in tags["tensors"]
+    assert last["config"] == ip.InfluenceConfig().to_dict()
+    assert np.allclose(last["layer_shares"].sum(1), 1.0)
+
+
+# ------------------------------------------------------------------------------------ resume
+def test_resume_from_checkpoint_continues_exactly(tmp_path):
+    """Sampled Fisher: the label generator's state must be restored too. Statistics are compared
+    bit for bit (same operations in the same order)."""
+    steps = N_TRAIN // BATCH
+    config = ip.InfluenceConfig(fisher="sampled")
+
+    def run(epochs, root, ckpt_path=None):
+        pl.seed_everything(0)
+        module = Net()
+        callback = _callback(every_n_steps=steps, config=config)
+        trainer = _trainer(root, [callback, ModelCheckpoint(dirpath=str(root / "ckpt"), save_last=True)],
+                           epochs=epochs, enable_checkpointing=True)
+        trainer.fit(module, ckpt_path=ckpt_path)
+        return module, callback
+
+    module_a, full = run(2, tmp_path / "a")
+    run(1, tmp_path / "b")
+    module_c, resumed = run(2, tmp_path / "c", ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    assert all(torch.equal(a, c) for a, c in zip(_parameters(module_a), _parameters(module_c)))
+    state_a, state_c = full.state_dict(), resumed.state_dict()
+    assert state_a["tracker"]["updates"] == state_c["tracker"]["updates"] == 2 * steps
+    assert torch.equal(state_a["tracker"]["generator"], state_c["tracker"]["generator"])
+    for name, layer in state_a["tracker"]["statistics"]["layers"].items():
+        for key, value in layer.items():
+            other = state_c["tracker"]["statistics"]["layers"][name][key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (name, key)
+    _assert_same_operator(full.session.last_factors, resumed.session.last_factors, rtol=0.0)
+
+
+def test_attribution_on_checkpoint_save_during_validation(tmp_path):
+    """ModelCheckpoint(monitor=...) saves from on_validation_end, inside torch.inference_mode; the
+    saved callback state is the one after that attribution (refreshed eigenbasis)."""
+
+    class WithValidation(Net):
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", F.cross_entropy(self(x), y))
+
+    callback = _callback(at_train_end=False)
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="val_loss", save_top_k=-1)
+    trainer = _trainer(tmp_path, [callback, checkpoint], epochs=2, enable_checkpointing=True, limit_val_batches=None)
+    trainer.fit(WithValidation())
+    frame = read_artifacts(tmp_path)
+    assert frame["reason"].tolist() == ["save", "save"] and frame["step"].tolist() == [6, 12]
+    saved = torch.load(sorted(checkpoint.best_k_models)[-1], weights_only=False)  # epoch=1-step=12.ckpt
+    state = saved["callbacks"][callback.state_key]
+    assert state["last_attribution_step"] == 12
+    live = callback.state_dict()["tracker"]["statistics"]
+    for name, (q_a, q_s) in state["tracker"]["statistics"]["bases"].items():
+        assert torch.equal(q_a, live["bases"][name][0]) and torch.equal(q_s, live["bases"][name][1])
+
+
+# ------------------------------------------------------------------------------------ hooks
+def _hook_counts(module: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in module.modules())
+
+
+def test_no_hook_remains_after_fit_teardown_or_exception(tmp_path):
+    module = Net()
+    before = _hook_counts(module)
+    callback = _callback(every_n_steps=2)
+    _trainer(tmp_path, [callback]).fit(module)
+    assert _hook_counts(module) == before and not callback.session.attached
+
+    failing = Net(fail_at=3)
+    callback = _callback(every_n_steps=2)
+    with pytest.raises(RuntimeError, match="on purpose"):
+        _trainer(tmp_path, [callback]).fit(failing)
+    assert _hook_counts(failing) == before and not callback.session.attached
+
+
+def test_bad_batch_is_skipped_counted_and_warned(tmp_path):
+    class NaNOnce(Net):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            if batch_idx == N_TRAIN // BATCH - 1:  # the last batch: a NaN update poisons θ for later ones
+                x = x.clone()
+                x[0, 0] = float("nan")
+            return F.cross_entropy(self(x), y)
+
+    callback = _callback(at_train_end=False)
+    with pytest.warns(UserWarning, match="skipped"):
+        _trainer(tmp_path, [callback]).fit(NaNOnce(lr=0.0))
+    assert callback.session.skipped_batches == 1
+
+
+# ------------------------------------------------------------------------------------ configuration
+def test_invalid_arguments_fail_naming_the_field():
+    for kwargs, pattern in (({"top_k": 0}, "top_k"), ({"every_n_steps": -1}, "every_n_steps"),
+                            ({"queries": "validation"}, r"queries.*\['train', 'val', 'test'\]"),
+                            ({"task": "ranking"}, r"task.*classification"), ({"renderer": "pixels"}, "renderer"),
+                            ({"config": {"strategy": "exact"}}, "strategy"), ({"config": {"dampning": 1.0}}, "dampning")):
+        with pytest.raises(ValueError, match=pattern):
+            InfluenceCallback(**kwargs)
+
+
+def test_structured_config_mirrors_the_signature_and_loads_the_example_yaml():
+    import inspect
+
+    signature = inspect.signature(InfluenceCallback.__init__).parameters
+    for field in InfluenceCallbackConfig.__dataclass_fields__.values():
+        default = field.default_factory() if callable(field.default_factory) else field.default
+        expected = signature[field.name].default
+        assert (expected or ip.InfluenceConfig()) == default if field.name == "config" else expected == default, field.name
+    assert set(signature) - {"self"} - set(InfluenceCallbackConfig.__dataclass_fields__) == {"candidates"}
+
+    init_args = OmegaConf.load(EXAMPLE / "config.yaml").trainer.callbacks[0].init_args
+    merged = OmegaConf.merge(OmegaConf.structured(InfluenceCallbackConfig), init_args)
+    callback = InfluenceCallback.from_config(merged)
+    assert callback.config.strategy == "ekfac" and callback.every_n_steps == init_args.every_n_steps
+    with pytest.raises(Exception, match="top_kk"):
+        OmegaConf.merge(OmegaConf.structured(InfluenceCallbackConfig), {"top_kk": 3})
+    with pytest.raises(ValueError, match="strategy"):
+        OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(InfluenceCallbackConfig), {"config": {"strategy": "x"}}))
+    with pytest.raises(ValueError, match="top_kk"):
+        InfluenceCallback.from_config({"top_kk": 3})
+
+
+# ------------------------------------------------------------------------------------ the example
+def _run_example(tmp_path, *overrides: str, config: Path = EXAMPLE / "config.yaml") -> subprocess.CompletedProcess:
+    command = [sys.executable, str(EXAMPLE / "train_digits.py"), "fit", "--config", str(config),
+               f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}",
+               "--trainer.enable_progress_bar=false", *overrides]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+
+
+@pytest.mark.slow
+def test_lightning_cli_runs_the_example_yaml(tmp_path):
+    done = _run_example(tmp_path, "--trainer.max_epochs=1", "--trainer.limit_train_batches=5",
+                        "--trainer.limit_val_batches=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"tensorboard --logdir {tmp_path}" in done.stdout
+    frame = read_artifacts(tmp_path)
+    assert frame["step"].tolist() == [5] and frame["reason"].tolist() == ["train_end"]
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((EXAMPLE / "config.yaml").read_text().replace("top_k:", "top_kk:"))
+    done = _run_example(tmp_path, "--trainer.max_epochs=1", config=bad)
+    assert done.returncode != 0 and "top_kk" in done.stderr
+
+
+@pytest.mark.slow
+def test_example_finds_the_planted_mislabeled_images(tmp_path):
+    """The full Quickstart run: most planted label flips are in the logged self-influence table
+    or among the logged most harmful examples of the queries (chance level: ~1 of 8)."""
+    sys.path.insert(0, str(EXAMPLE))
+    try:
+        from digits import DigitsClassifier, DigitsDataModule
+    finally:
+        sys.path.remove(str(EXAMPLE))
+    yaml = OmegaConf.load(EXAMPLE / "config.yaml")
+    callback = InfluenceCallback.from_config(
+        OmegaConf.merge(OmegaConf.structured(InfluenceCallbackConfig), yaml.trainer.callbacks[0].init_args),
+        progress=False)
+    pl.seed_everything(yaml.seed_everything)
+    data = DigitsDataModule(**yaml.data)
+    logger = TensorBoardLogger(str(tmp_path), name="digits")
+    trainer = pl.Trainer(max_epochs=yaml.trainer.max_epochs, accelerator="cpu", devices=1, logger=logger,
+                         callbacks=[callback], enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(DigitsClassifier(**yaml.model), datamodule=data)
+    last = read_artifacts(logger.log_dir).iloc[-1]
+    assert last["step"] == trainer.global_step
+    acc = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
+    acc.Reload()
+    markdown = acc.Tensors("influence/self_influence/text_summary")[-1].tensor_proto.string_val[0].decode()
+    self_table = {int(r.split("|")[2]) for r in markdown.splitlines() if re.match(r"\| \d+ \|", r)}
+    harmful = set(np.asarray(last["harmful_indices"]).reshape(-1).tolist())
+    planted = set(data.mislabeled)
+    assert len(planted & self_table) >= len(planted) // 2, (sorted(planted), sorted(self_table))
+    assert len(planted & (self_table | harmful)) >= 3 * len(planted) // 4

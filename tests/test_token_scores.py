@@ -1,0 +1,176 @@
+"""Token-wise and layer-wise decompositions of influence scores, and their rendering.
+
+Ground truth: explicit parameter gradients from autograd on a float64 tiny GPT-2 (Conv1D layers),
+per example on the *unpadded* sequence. The part of a layer's weight gradient that comes from
+token t, ``g_t a_tᵀ``, is obtained independently by letting gradient flow through that layer's
+output at position t only (a forward hook on that one layer; forward values are unchanged). With
+the identity strategy the score is then ``⟨∇_W f(q), ∇_W L(z)⟩`` summed over layers, so every
+decomposition has an explicit reference. Tolerances: float64 summation order (rtol 1e-9).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import infl_plugin as ip
+from infl_plugin.token_report import (TokenViews, decode_tokens, escape_markdown, layer_groups, layer_heatmap_figure,
+                                      mark_tokens_markdown, token_heatmap_figure, token_views, top_token_positions)
+
+from reference import layer_matrix_grad
+
+RTOL = 1e-9
+VOCAB, PAD = 23, 0
+MODULES = ["transformer.h.*.attn.c_attn", "transformer.h.*.mlp.c_*"]
+
+
+def model() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=8, n_layer=2, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=PAD, eos_token_id=PAD)
+    return GPT2LMHeadModel(config).double().eval()
+
+
+def sequences(n: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (3 + (5 * i) % 6,), generator=g).tolist() for i in range(n)]
+
+
+def collate(items: list) -> dict[str, torch.Tensor]:
+    """Lists of ids (or dicts with ``input_ids``) → right-padded batch (mask 0 on padding)."""
+    items = [it["input_ids"] if isinstance(it, dict) else it for it in items]
+    width = max(map(len, items))
+    ids = torch.full((len(items), width), PAD)
+    mask = torch.zeros(len(items), width, dtype=torch.long)
+    for n, seq in enumerate(items):
+        ids[n, : len(seq)] = torch.tensor(seq)
+        mask[n, : len(seq)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def sequence_loss(net, seq: list[int]) -> torch.Tensor:
+    """Σ_t cross-entropy of one unpadded sequence (CausalLMTask's per-example loss)."""
+    ids = torch.tensor([seq])
+    logits = net(input_ids=ids).logits[0, :-1]
+    return torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
+
+
+def layer_grads(net, modules, loss_fn) -> list[torch.Tensor]:
+    """``[d_out, d_in+1]`` gradient matrices of ``loss_fn()`` for each module."""
+    params = [p for m in modules for p in (m.weight, m.bias)]
+    grads = torch.autograd.grad(loss_fn(), params)
+    return [layer_matrix_grad(m, grads[2 * i], grads[2 * i + 1]) for i, m in enumerate(modules)]
+
+
+def token_layer_grad(net, module, position: int, loss_fn) -> torch.Tensor:
+    """The token-``position`` part ``g_t a_tᵀ`` of ``module``'s gradient matrix (gradient flows through y_t only)."""
+
+    def only_position(mod, inputs, output):
+        keep = torch.zeros_like(output)
+        keep[:, position] = 1
+        return output.detach() + keep * (output - output.detach())
+
+    handle = module.register_forward_hook(only_position)
+    try:
+        return layer_grads(net, [module], loss_fn)[0]
+    finally:
+        handle.remove()
+
+
+def scores_by_layer(attributor, pq, batch) -> torch.Tensor:
+    """``[L, Q, B, T]`` whether the attributor returns a stacked tensor or a per-layer dict."""
+    raw = attributor.token_scores(pq, batch)
+    return torch.stack([raw[n] for n in attributor.layer_names]) if isinstance(raw, dict) else raw
+
+
+@pytest.fixture(scope="module")
+def setup():
+    net = model()
+    task = ip.CausalLMTask()
+    config = ip.InfluenceConfig(strategy="identity", modules=MODULES, accumulation_dtype="float64")
+    train, queries = sequences(5, seed=1), sequences(2, seed=2)
+    factors = ip.fit_factors(net, task, [collate(train)], config)
+    attributor = ip.Attributor(net, task, factors, config)
+    pq = attributor.precondition([collate(queries)])
+    modules = [dict(net.named_modules())[name] for name in attributor.layer_names]
+    return net, task, attributor, pq, train, queries, modules
+
+
+def test_token_scores_sum_to_sequence_scores_which_match_explicit_gradients(setup):
+    net, task, attributor, pq, train, queries, modules = setup
+    batch = collate(train)
+    tokens = scores_by_layer(attributor, pq, batch)  # [L, Q, B, T]
+    pairwise = attributor.pairwise_scores(pq, [batch], per_layer=True)  # [L, Q, N]
+    torch.testing.assert_close(tokens.sum(-1), pairwise, rtol=RTOL, atol=0)
+    torch.testing.assert_close(tokens.sum((0, -1)), attributor.pairwise_scores(pq, [batch]), rtol=RTOL, atol=0)
+    assert (tokens[..., batch["attention_mask"] == 0] == 0).all()  # padding scores exactly 0
+    # explicit: Σ_l <∇_W f(q), ∇_W L(z)> per layer, each sequence unpadded
+    q_grads = [layer_grads(net, modules, lambda q=q: sequence_loss(net, q)) for q in queries]
+    for n, seq in enumerate(train):
+        z = layer_grads(net, modules, lambda: sequence_loss(net, seq))
+        expected = torch.tensor([[(qg[l] * z[l]).sum() for qg in q_grads] for l in range(len(modules))])
+        torch.testing.assert_close(pairwise[:, :, n], expected, rtol=1e-8, atol=1e-12)
+
+
+def test_each_token_score_matches_its_explicit_gradient_part(setup):
+    net, task, attributor, pq, train, queries, modules = setup
+    n = 3
+    seq = train[n]
+    tokens = scores_by_layer(attributor, pq, collate(train))[:, :, n]  # [L, Q, T]
+    q_grads = [layer_grads(net, modules, lambda q=q: sequence_loss(net, q)) for q in queries]
+    for l, module in enumerate(modules):
+        for t in range(len(seq)):
+            part = token_layer_grad(net, module, t, lambda: sequence_loss(net, seq))
+            expected = torch.stack([(qg[l] * part).sum() for qg in q_grads])
+            torch.testing.assert_close(tokens[l, :, t], expected, rtol=1e-8, atol=1e-12)
+
+
+def test_token_views_decompose_exactly_and_render(setup):
+    net, task, attributor, pq, train, queries, modules = setup
+    totals = attributor.pairwise_scores(pq, [collate(train)])  # [Q, N]
+    picked = [4, 0, 2]
+    views = token_views(attributor, pq, 1, [train[i] for i in picked], picked, collate, top_tokens=3)
+    assert isinstance(views, TokenViews) and views.indices == picked
+    for i, index in enumerate(picked):
+        torch.testing.assert_close(views.per_token(i).sum(), totals[1, index], rtol=RTOL, atol=0)
+        assert views.scores[i] == pytest.approx(float(totals[1, index]), rel=RTOL)
+    per_layer = views.per_layer()  # [L, K]
+    assert per_layer.shape == (len(modules), 3)
+    torch.testing.assert_close(per_layer.sum(0), totals[1, picked], rtol=RTOL, atol=0)
+    assert views.markdown.count("training example") == 3 and "⟨" in views.markdown  # ids shown without tokenizer
+    assert views.token_figure("t").axes and views.layer_figure("l").axes
+
+
+def test_markdown_marks_the_largest_tokens_and_escapes_markdown():
+    tokens = ["The", " *with*", " statement", "\n", " |x|", "<pad>"]
+    scores = torch.tensor([0.1, 3.0, -2.0, 0.05, -0.5, 9.0])
+    mask = torch.tensor([1, 1, 1, 1, 1, 0])
+    text = mark_tokens_markdown(tokens, scores, top=3, mask=mask, heading="seq")
+    first = text.splitlines()[2]
+    assert first.startswith("> The ")
+    assert r"**\*with\***¹" in first  # helpful: bold, rank 1, markdown escaped
+    assert "*statement*²" in first  # harmful: italic
+    assert r"*\|x\|*³" in first and "pad" not in first  # padding is not shown
+    assert "↵" in first
+    assert text.count("\n| ") == 1 + 3  # header + 3 marked tokens (separator row starts with "|---")
+    assert top_token_positions(scores, 2, mask) == [1, 2]
+    assert escape_markdown("a_b*c") == r"a\_b\*c"
+
+
+def test_layer_groups_and_figures():
+    names = ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc", "transformer.h.11.mlp.c_proj", "lm_head"]
+    assert layer_groups(names) == ["block 0", "block 0", "block 11", "lm_head"]
+    fig = layer_heatmap_figure(torch.randn(4, 3), names, ["a", "b", "c"], max_rows=2)  # grouped to 3 rows
+    assert len(fig.axes[0].get_yticklabels()) == 3
+    fig = token_heatmap_figure([["a", "b"], ["c"]], [torch.tensor([1.0, -1.0]), torch.tensor([0.0])], ["x", "y"])
+    assert fig.axes
+
+
+def test_decode_tokens_with_a_tokenizer():
+    class Bytes:
+        def decode(self, ids, **kwargs):
+            return bytes(ids).decode("latin-1")
+
+    assert decode_tokens(Bytes(), [104, 105]) == ["h", "i"]
+    assert decode_tokens(None, [5]) == ["⟨5⟩"]
