@@ -113,7 +113,7 @@ def measure(loop: Loop, base: dict, every: int, steps: int, repeats: int) -> lis
     rows = []
     for name, seconds in med.items():
         overhead = "—" if name == "plain training step" else f"**{100 * (seconds / plain - 1):+.1f} %**"
-        rows.append([name, f"{1000 * seconds / steps:.1f}", f"{seconds / plain:.3f}", overhead])
+        rows.append([name, f"{1000 * seconds / steps:.3g}", f"{seconds / plain:.3f}", overhead])
     return rows
 
 

@@ -19,7 +19,7 @@ candidate batch + contraction) separately; kronfluence's candidate phase is time
 ``compute_dot_products_with_loader``. Peak memory: a fresh subprocess per configuration loads the
 model, then measures the peak RSS while it loads the factors and scores (see `common.PeakRSS`).
 
-    python benchmarks/scoring.py            # ~8-9 min on 2 cores
+    python benchmarks/scoring.py            # ~11 min on 2 (shared) cores
     python benchmarks/scoring.py --quick    # ~2 min
 """
 
@@ -256,7 +256,7 @@ def main() -> None:
 
             # warm-up only once, on the smallest configuration (allocators, einsum paths)
             warm = 1 if (n_query == query_counts[0] and rank is None) else 0
-            reps = repeats if n_query < 256 or quick else max(1, repeats - 1)
+            reps = repeats if n_query < 256 or quick else 1  # keeps the default run near 10 minutes
             interleaved({"infl_plugin": ours, "kronfluence": kf}, repeats=reps, warmup=warm)
             med = lambda xs: float(torch.tensor(xs[warm:]).median())  # noqa: E731
             oq, ot = med(phase["ours_q"]), med(phase["ours_t"])

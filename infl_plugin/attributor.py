@@ -90,6 +90,11 @@ class Attributor:
         device = model_device(self.model)
         factors = self._device_factors(device)
         chunks: dict[str, list[QueryLayer]] = {name: [] for name in self.layer_names}
+        # a list of batches tells the query count up front: write into preallocated tensors instead of
+        # concatenating chunks (a concatenation briefly doubles the largest object of the attribution)
+        total = sum(self.task.batch_size(b) for b in queries) if isinstance(queries, (list, tuple)) else None
+        filled: dict[str, QueryLayer] = {}
+        offset = 0
         measurements = []
         with self.hooks, isolated(self.model):
             for batch in queries:
@@ -99,15 +104,23 @@ class Attributor:
                     self._summed_gradients(grads, factors), measurement=True,
                 )
                 measurements.append(values.to(self.dtype))
+                count = values.shape[0]
                 for name in self.layer_names:
                     if name in grads:  # popped: each layer's raw gradients are freed once preconditioned
-                        chunks[name].append(self._precondition_layer(factors.layers[name], grads.pop(name)))
+                        part = self._precondition_layer(factors.layers[name], grads.pop(name))
                     else:
-                        chunks[name].append(self._zero_query(name, values.shape[0], device))
+                        part = self._zero_query(name, count, device)
+                    if total is None:
+                        chunks[name].append(part)
+                    else:
+                        _write_queries(filled, name, part, offset, total)
+                offset += count
         if not measurements:
             raise ValueError("The query loader yielded no batch")
-        # concatenated layer by layer, releasing the chunks as it goes (one layer's copy at a time)
-        layers = {name: _cat_queries(chunks.pop(name)) for name in list(chunks)}
+        if total is not None:
+            layers = filled
+        else:  # concatenated layer by layer, releasing the chunks as it goes (one layer's copy at a time)
+            layers = {name: _cat_queries(chunks.pop(name)) for name in list(chunks)}
         return PreconditionedQueries(layers, torch.cat(measurements))
 
     def _device_factors(self, device: torch.device) -> Factors:
@@ -133,16 +146,13 @@ class Attributor:
         """``(G + λI)⁻¹`` of one batch of query gradients, compressed to rank r when configured.
 
         With an eigenbasis, ``grad`` arrives already rotated (``Q_Sᵀ DW Q_A``, see
-        `_summed_gradients`); the division happens there, and at rank r the SVD is taken in the
+        `_summed_gradients`); the division happens here, and at rank r the SVD is taken in the
         eigenbasis too (``Q_S``, ``Q_A`` are orthogonal, so ``svd(Q_S W Q_Aᵀ) = (Q_S U) Σ (Q_A V)ᵀ``)
         and only the r kept vectors are rotated back.
         """
         rank = self._low_rank(grad.shape)
         rotated = f.eigenvalues is not None and f.q_s is not None
-        if rotated:
-            w = grad / (f.eigenvalues + f.damping)
-        else:
-            w = f.precondition(grad)
+        w = grad.div_(f.eigenvalues + f.damping) if rotated else f.precondition(grad)
         if rank is None:
             return QueryLayer(full=f.q_s @ w @ f.q_a.T if rotated else w)
         u, v = _truncated_svd(w, rank)
@@ -163,6 +173,7 @@ class Attributor:
 
         With ``factors`` holding an eigenbasis (kfac/ekfac) it stores ``Q_Sᵀ DW Q_A`` instead,
         rotating the tokens first when that is cheaper (``T (d_out² + d_in²) < d_out d_in (d_out + d_in)``).
+        (Preconditioning here, inside the backward, measured a higher peak RSS than after it.)
         """
 
         def sink(capture: Capture) -> None:
@@ -311,6 +322,18 @@ def _truncated_svd(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tens
     else:
         u, v = left_scaled, right
     return u.to(w.dtype), v.to(w.dtype)
+
+
+def _write_queries(filled: dict[str, QueryLayer], name: str, part: QueryLayer, offset: int, total: int) -> None:
+    """Copy one batch's ``part`` into rows ``offset:`` of ``filled[name]`` (allocated on first use)."""
+    fields = ("full",) if part.full is not None else ("u", "v")
+    if name not in filled:
+        filled[name] = QueryLayer(**{
+            f: getattr(part, f).new_empty((total,) + tuple(getattr(part, f).shape[1:])) for f in fields
+        })
+    for f in fields:
+        value = getattr(part, f)
+        getattr(filled[name], f)[offset: offset + value.shape[0]] = value
 
 
 def _cat_queries(parts: list[QueryLayer]) -> QueryLayer:
