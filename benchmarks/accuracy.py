@@ -32,8 +32,6 @@ import argparse
 import copy
 import logging
 import os
-import platform
-import re
 import sys
 import time
 import warnings
@@ -48,11 +46,12 @@ warnings.filterwarnings("ignore", category=FutureWarning)  # kronfluence's torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ground_truth as gt  # noqa: E402
+from common import write_section  # noqa: E402
 
 import infl_plugin as ip  # noqa: E402
 from infl_plugin.tasks import sample_categorical  # noqa: E402
 
-HEADING = "## Accuracy (benchmarks/accuracy.py)"
+HEADING = "Accuracy (benchmarks/accuracy.py)"
 BATCH = 100
 
 
@@ -216,32 +215,6 @@ def metrics(scores, exact, loo, lds):
     return row
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import kronfluence
-    return (f"{cpu}, {os.cpu_count()} logical CPUs visible, torch threads {torch.get_num_threads()}, "
-            f"Python {platform.python_version()}, torch {torch.__version__}, kronfluence {kronfluence.__version__}, "
-            f"{platform.system()} {platform.release()}; 1-min load average at the end {os.getloadavg()[0]:.1f} "
-            "(the machine may be shared, so wall time can exceed CPU time / threads)")
-
-
-def write_section(path: Path, text: str) -> None:
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(HEADING) + r".*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: text, old)
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n-train", type=int, default=500)
@@ -306,11 +279,12 @@ def main() -> None:
             for col in m:
                 gaps[col] = min(gaps.get(col, float("inf")), m[col] - k[col])
     acceptance = ", ".join(f"{col.upper()} {gap:+.1e}" for col, gap in gaps.items())
-    command = "OMP_NUM_THREADS=2 .venv/bin/python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
-    text = f"""{HEADING}
+    import kronfluence
 
-Command: `{command.strip()}` (wall time {elapsed:.0f} s, process CPU time {cpu:.0f} s; {'ground truth computed: ' + ', '.join(gt.COMPUTED) if gt.COMPUTED else 'all ground truth from cache'}).
-Machine: {machine()}.
+    command = "OMP_NUM_THREADS=2 python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
+    text = f"""Wall time {elapsed:.0f} s, process CPU time {cpu:.0f} s, 1-min load average at the end {os.getloadavg()[0]:.1f}
+(the machine may be shared, so wall time can exceed CPU time / threads); kronfluence {kronfluence.__version__};
+{'ground truth computed: ' + ', '.join(gt.COMPUTED) if gt.COMPUTED else 'all ground truth from cache'}.
 
 Setup: sklearn digits, standardised, {args.n_train} training / {args.n_query} held-out query examples, float64,
 objective mean CE + (l2/2)‖θ‖² with l2 = {args.l2:g} on all parameters. Measurement: query cross-entropy.
@@ -342,7 +316,7 @@ gradients all coincide). With one pseudo-label draw per example (passes = 1) the
 eigenvalues are noisy and EK-FAC can trail K-FAC (logistic regression); more draws help both.
 
 Ground-truth checks: """ + "; ".join(notes) + ".\n"
-    write_section(Path(args.out), text)
+    write_section(HEADING, text, command.strip(), Path(args.out))
     print(f"wrote {args.out} in {elapsed:.0f} s")
 
 

@@ -13,13 +13,16 @@ its fastest equal setting: all queries preconditioned before one pass over the c
 default randomized ``svd_lowrank`` (its exact ``use_full_svd=True`` takes minutes per 16 queries
 here), infl_plugin its exact truncated SVD.
 
-Timing (one process, the two libraries interleaved per repetition, medians): the query phase
-(differentiate + precondition [+ SVD]) and the candidate phase (one forward and backward per
-candidate batch + contraction) separately; kronfluence's candidate phase is timed by wrapping its
-``compute_dot_products_with_loader``. Peak memory: a fresh subprocess per configuration loads the
-model, then measures the peak RSS while it loads the factors and scores (see `common.PeakRSS`).
+Timing: the query phase (differentiate + precondition [+ SVD]) and the candidate phase (one
+forward and backward per candidate batch + contraction) separately; kronfluence's candidate phase
+is timed by wrapping its ``compute_dot_products_with_loader``. Configurations with several
+repetitions run the two libraries interleaved in this process (medians); peak memory then comes
+from a fresh subprocess per library that loads the model and measures the peak RSS while it loads
+the factors and scores one candidate batch (see `common.PeakRSS`). Single-repetition
+configurations (256 queries) take both the timing and the peak from that fresh process, scoring
+all candidates, so the costliest configurations are not computed twice.
 
-    python benchmarks/scoring.py            # ~11 min on 2 (shared) cores
+    python benchmarks/scoring.py            # ~8 min on 2 cores
     python benchmarks/scoring.py --quick    # ~2 min
 """
 
@@ -160,7 +163,11 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------- child: peak memory
-def child(lib: str, n_query: int, rank, n_train: int) -> None:
+def child(lib: str, n_query: int, rank, n_train: int, scores_path: str) -> None:
+    """Fresh process: peak memory of loading the factors and scoring, and the time of each phase.
+
+    The scores go to ``scores_path`` (unless ``-``) so that the parent can correlate them.
+    """
     global TRACKED
     setup_threads()
     model = tiny_gpt2(linear=True)
@@ -172,14 +179,25 @@ def child(lib: str, n_query: int, rank, n_train: int) -> None:
     if lib == "kronfluence":
         analyzer = kf_analyzer(model)
         q, t = Sequences(queries), Sequences(train)
+        timer = KfPhaseTimer()
         with PeakRSS() as mem:
-            kf_run(analyzer, q, t, rank)
+            start = time.perf_counter()
+            scores = kf_run(analyzer, q, t, rank)
+            total = time.perf_counter() - start
+        query_s, candidate_s = total - timer.seconds, timer.seconds
     else:
         with PeakRSS() as mem:
             factors = ip.Factors.load(OURS_FACTORS)
             attributor = ip.Attributor(model, ip.CausalLMTask(), factors, config(rank))
-            attributor.pairwise_scores(queries, train)
-    emit_result({"peak_mib": mem.peak_mib, "delta_mib": mem.delta_mib, "baseline_mib": mem.baseline_mib})
+            start = time.perf_counter()
+            preconditioned = attributor.precondition(queries)
+            middle = time.perf_counter()
+            scores = attributor.pairwise_scores(preconditioned, train)
+            query_s, candidate_s = middle - start, time.perf_counter() - middle
+    if scores_path != "-":
+        torch.save(scores, scores_path)
+    emit_result({"peak_mib": mem.peak_mib, "delta_mib": mem.delta_mib, "baseline_mib": mem.baseline_mib,
+                 "query_s": query_s, "candidate_s": candidate_s})
 
 
 # ------------------------------------------------------------------------------------- main
@@ -190,11 +208,11 @@ def main() -> None:
     parser.add_argument("--queries", type=str, default=None, help="comma-separated query counts (default 16,64,256)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
-    parser.add_argument("--child", nargs=4, metavar=("LIB", "Q", "RANK", "N"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=5, metavar=("LIB", "Q", "RANK", "N", "SCORES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        lib, q, rank, n = args.child
-        child(lib, int(q), None if rank == "full" else int(rank), int(n))
+        lib, q, rank, n, scores_path = args.child
+        child(lib, int(q), None if rank == "full" else int(rank), int(n), scores_path)
         return
 
     threads = setup_threads()
@@ -235,34 +253,55 @@ def main() -> None:
         queries_ds = Sequences(queries)
         full_scores = {}
         for rank in ranks:
-            attributor = ip.Attributor(model, ip.CausalLMTask(), factors, config(rank))
-            phase = {"ours_q": [], "ours_t": [], "kf_all": [], "kf_t": []}
-            out = {}
-
-            def ours():
-                t = time.perf_counter()
-                pq = attributor.precondition(queries)
-                t1 = time.perf_counter()
-                out["ours"] = attributor.pairwise_scores(pq, train)
-                phase["ours_q"].append(t1 - t)
-                phase["ours_t"].append(time.perf_counter() - t1)
-
-            def kf():
-                timer.seconds = 0.0
-                t = time.perf_counter()
-                out["kf"] = kf_run(analyzer, queries_ds, train_ds, rank)
-                phase["kf_all"].append(time.perf_counter() - t)
-                phase["kf_t"].append(timer.seconds)
-
-            # warm-up only once, on the smallest configuration (allocators, einsum paths)
-            warm = 1 if (n_query == query_counts[0] and rank is None) else 0
-            reps = repeats if n_query < 256 or quick else 1  # keeps the default run near 10 minutes
-            interleaved({"infl_plugin": ours, "kronfluence": kf}, repeats=reps, warmup=warm)
-            med = lambda xs: float(torch.tensor(xs[warm:]).median())  # noqa: E731
-            oq, ot = med(phase["ours_q"]), med(phase["ours_t"])
-            kt = med(phase["kf_t"])
-            kq = med([a - b for a, b in zip(phase["kf_all"], phase["kf_t"])])
             label = "full" if rank is None else f"rank {rank}"
+            rank_arg = "full" if rank is None else str(rank)
+            script = str(Path(__file__).resolve())
+
+            def isolated_run(lib: str, n: int, scores_path: str = "-") -> dict:
+                return run_isolated(script, ["--child", lib, str(n_query), rank_arg, str(n), scores_path])
+
+            # fewer repetitions for the long configurations keep the default run under 10 minutes
+            reps = repeats if n_query < 64 or quick or args.repeats else (2 if n_query < 256 else 1)
+            if reps > 1:
+                # timing: the two libraries interleaved in this process, medians of the repetitions;
+                # peak memory: a fresh process per library scoring one candidate batch (streaming keeps it flat)
+                attributor = ip.Attributor(model, ip.CausalLMTask(), factors, config(rank))
+                phase = {"ours_q": [], "ours_t": [], "kf_all": [], "kf_t": []}
+                out = {}
+
+                def ours():
+                    t = time.perf_counter()
+                    pq = attributor.precondition(queries)
+                    t1 = time.perf_counter()
+                    out["ours"] = attributor.pairwise_scores(pq, train)
+                    phase["ours_q"].append(t1 - t)
+                    phase["ours_t"].append(time.perf_counter() - t1)
+
+                def kf():
+                    timer.seconds = 0.0
+                    t = time.perf_counter()
+                    out["kf"] = kf_run(analyzer, queries_ds, train_ds, rank)
+                    phase["kf_all"].append(time.perf_counter() - t)
+                    phase["kf_t"].append(timer.seconds)
+
+                # warm-up only once, on the smallest configuration (allocators, einsum paths)
+                warm = 1 if (n_query == query_counts[0] and rank is None) else 0
+                interleaved({"infl_plugin": ours, "kronfluence": kf}, repeats=reps, warmup=warm)
+                med = lambda xs: float(torch.tensor(xs[warm:]).median())  # noqa: E731
+                oq, ot = med(phase["ours_q"]), med(phase["ours_t"])
+                kt = med(phase["kf_t"])
+                kq = med([a - b for a, b in zip(phase["kf_all"], phase["kf_t"])])
+                peaks = {lib: isolated_run(lib, TRAIN_BATCH) for lib in ("ours", "kronfluence")}
+            else:
+                # one repetition: each library's fresh process times the phases and measures the peak
+                # together, so the largest configurations are not computed twice
+                peaks, out = {}, {}
+                for lib, key in (("ours", "ours"), ("kronfluence", "kf")):
+                    path = CACHE / f"scores_{lib}.pt"
+                    peaks[lib] = isolated_run(lib, n_train, str(path))
+                    out[key] = torch.load(path)
+                oq, ot = peaks["ours"]["query_s"], peaks["ours"]["candidate_s"]
+                kq, kt = peaks["kronfluence"]["query_s"], peaks["kronfluence"]["candidate_s"]
             ours_total, kf_total = oq + ot, kq + kt
             rows.append([
                 n_query, label, f"{oq:.2f} / {kq:.2f}", f"{ot:.2f} / {kt:.2f}",
@@ -276,20 +315,14 @@ def main() -> None:
             else:
                 spear_rows.append([n_query, "rank 32 vs rank 32", f"{rho:.4f}"])
                 spear_rows.append([n_query, "ours rank 32 vs kronfluence full", f"{spearman(out['ours'], full_scores['kf']):.4f}"])
-            print(f"[{time.perf_counter() - started:.0f}s]", flush=True)
-            print(table(["Q", "rank", "query s (ours/kf)", "cand. s (ours/kf)", "cand/s (ours/kf)", "speedup",
-                         "end-to-end cand/s", "speedup", "reps"], rows[-1:]), flush=True)
-
-            # peak memory, fresh process per configuration (one candidate batch: streaming keeps it flat)
-            script = str(Path(__file__).resolve())
-            rank_arg = "full" if rank is None else str(rank)
-            peaks = {lib: run_isolated(script, ["--child", lib, str(n_query), rank_arg, str(TRAIN_BATCH)])
-                     for lib in ("ours", "kronfluence")}
             mem_rows.append([
                 n_query, label, f"{peaks['ours']['delta_mib']:.0f}", f"{peaks['kronfluence']['delta_mib']:.0f}",
                 f"**{peaks['ours']['delta_mib'] / peaks['kronfluence']['delta_mib']:.2f}**",
                 f"{peaks['ours']['peak_mib']:.0f} / {peaks['kronfluence']['peak_mib']:.0f}",
             ])
+            print(f"[{time.perf_counter() - started:.0f}s]", flush=True)
+            print(table(["Q", "rank", "query s (ours/kf)", "cand. s (ours/kf)", "cand/s (ours/kf)", "speedup",
+                         "end-to-end cand/s", "speedup", "reps"], rows[-1:]), flush=True)
             print(table(["Q", "rank", "ours MiB", "kf MiB", "ratio", "process peak"], mem_rows[-1:]), flush=True)
 
     elapsed = time.perf_counter() - started
@@ -299,7 +332,8 @@ can track it), 16 block linear layers tracked, EK-FAC fitted by each library on 
 {n_train} candidates (batches of {TRAIN_BATCH}), queries in batches of {QUERY_BATCH}, {threads} torch threads,
 kronfluence {_kf_version()} (all queries preconditioned before one candidate pass; its default randomized SVD at
 rank 32, ours exact).
-Medians of the `reps` interleaved repetitions; "ours / kf" pairs; speedup = kronfluence time / ours.
+Medians of the `reps` interleaved repetitions (one repetition: timed in the fresh process of the memory
+measurement); "ours / kf" pairs; speedup = kronfluence time / ours.
 "query s" = differentiate + precondition (+ SVD) the queries; "cand. s" = the pass over the candidates.
 
 {table(["queries", "rank", "query s (ours / kf)", "candidate s (ours / kf)", "candidates/s (ours / kf)",
@@ -309,7 +343,7 @@ Same computation (Spearman rank correlation of all query × candidate scores):
 
 {table(["queries", "compared", "Spearman"], spear_rows)}
 
-Peak memory while loading the factors and scoring one candidate batch ({PeakRSS.method}; MiB above the
+Peak memory while loading the factors and scoring (one candidate batch; all {n_train} with one repetition) ({PeakRSS.method}; MiB above the
 process RSS before the block; "process peak" includes the interpreter, torch and the model):
 
 {table(["queries", "rank", "infl_plugin MiB", "kronfluence MiB", "ours / kf", "process peak MiB (ours / kf)"], mem_rows)}

@@ -36,9 +36,11 @@ class Capture:
     mask: Optional[torch.Tensor]
 
     @property
-    def num_tokens(self) -> int:
+    def num_tokens(self) -> torch.Tensor | int:
+        """Real tokens of the call; a 0-dim tensor on the model's device when masked (reading it
+        inside the backward would stall an accelerator's queue once per layer)."""
         if self.mask is not None:
-            return int(self.mask.sum())
+            return self.mask.sum()
         return self.a.shape[0] * self.a.shape[1]
 
 

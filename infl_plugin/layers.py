@@ -128,8 +128,10 @@ def select_layers(
 ) -> list[TrackedLayer]:
     """Layers of ``model`` matching the fnmatch ``patterns`` and the class-name ``types``.
 
-    Modules that match a pattern but cannot be tracked are named in a warning; an empty selection
-    raises ``ValueError`` listing what the model offers.
+    Leaf modules with parameters that match a pattern but cannot be tracked (a ``LayerNorm``, an
+    ``Embedding``, a grouped convolution) are named in a warning; parameter-free leaves a broad pattern
+    sweeps up (dropout, activations) are passed over silently. An empty selection raises
+    ``ValueError`` listing what the model offers.
     """
     types = None if types is None else set(types)
     if types is not None:
@@ -144,7 +146,8 @@ def select_layers(
         kind = layer_kind(module)
         reason = _unsupported_reason(module) if kind else None
         if kind is None or reason is not None:
-            if patterns is not None and not list(module.children()):
+            has_parameters = next(module.parameters(recurse=False), None) is not None
+            if patterns is not None and has_parameters and next(module.children(), None) is None:
                 skipped.append(f"{name} ({type(module).__name__}: {reason or 'unsupported layer type'})")
             continue
         if types is not None and kind not in types:

@@ -22,7 +22,7 @@ memory, while Metric's gather-then-sum holds world_size × d² per factor during
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -40,7 +40,7 @@ class LayerStatistics:
     a_sum: Optional[torch.Tensor] = None
     s_sum: Optional[torch.Tensor] = None
     lambda_sum: Optional[torch.Tensor] = None
-    tokens: float = 0.0
+    tokens: Union[float, torch.Tensor] = 0.0  # a 0-dim device tensor only while pending (see `commit`)
     examples: float = 0.0
     lambda_examples: float = 0.0
 
@@ -112,8 +112,10 @@ class CurvatureStatistics:
         if not pending or all(p.examples == 0 for p in pending.values()):
             return False
         tensors = [t for p in pending.values() for t in (p.a_sum, p.s_sum, p.lambda_sum) if t is not None]
-        no_tokens = self.covariances and all(p.tokens == 0 for p in pending.values())
         finite = bool(torch.stack([t.sum() for t in tensors]).isfinite().all()) if tensors else True
+        for p in pending.values():  # masked token counts are device tensors, ready after the sync above
+            p.tokens = float(p.tokens)
+        no_tokens = self.covariances and all(p.tokens == 0 for p in pending.values())
         if no_tokens or not finite or grad_scale == 0 or not torch.isfinite(torch.tensor(grad_scale)):
             self.skipped_batches += 1
             return False

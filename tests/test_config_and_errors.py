@@ -59,11 +59,15 @@ def test_layer_selection_by_pattern_and_type():
 
 
 def test_unsupported_layers_that_were_asked_for_are_named():
-    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.LazyLinear(3))
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.LazyLinear(3),
+                          nn.LayerNorm(3), nn.ReLU(), nn.Dropout(0.1))
     model(torch.randn(1, 4, 5, 5))
-    with pytest.warns(UserWarning, match=r"0 \(Conv2d: grouped"):
+    with pytest.warns(UserWarning, match=r"0 \(Conv2d: grouped") as record:
         layers = ip.select_layers(model, ["*"])
     assert [layer.name for layer in layers] == ["2"]
+    message = str(record[0].message)
+    assert "3 (LayerNorm" in message  # has parameters the user might expect to be tracked
+    assert "Flatten" not in message and "ReLU" not in message and "Dropout" not in message
 
 
 def test_frozen_layers_are_not_tracked():
