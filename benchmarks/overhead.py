@@ -4,21 +4,23 @@ Question: what fraction of a training step does tracking cost, on a small GPT-2 
 width 256, 128-token sequences, batch 8, AdamW; the 16 block linear layers tracked, the tied
 ``lm_head`` not) and on the digits MLP (64-128-128-10, batch 64, SGD)?
 
-Rows: plain step; the default settings (EK-FAC, empirical Fisher, statistics every step) in both
-of its phases — before the first attribution only the covariances A, S accumulate; after it
-(``refresh_eigenbasis``, the steady state of the callbacks) the corrected eigenvalues accumulate
-too; ``fisher="sampled"`` (one extra sampled-label backward per statistics step); and the same
-with statistics every k-th step (``update_every=k``). All configurations run interleaved in one
-process on the same model and optimizer; each repetition times ``--steps`` consecutive steps and
-the table reports the median per step. The plain-loop rows call `InfluenceTracker` exactly as the
-callbacks do (``set_batch`` before the forward, ``step`` after ``backward``).
+Rows: plain step; the default settings (EK-FAC, empirical Fisher, statistics on every 32nd
+optimizer step) in both of its phases — before the first attribution only the covariances A, S
+accumulate; after it (``refresh_eigenbasis``, the steady state of the callbacks) the corrected
+eigenvalues accumulate too; ``fisher="sampled"`` (one extra sampled-label backward per statistics
+step); and the same with statistics on every step (``update_every=1``). All configurations run
+interleaved in one process on the same model and optimizer; each repetition times ``--steps``
+consecutive steps (the default interval, so each holds one statistics step; a quarter of that for
+the every-step rows) and the table reports the median per step. The plain-loop rows call
+`InfluenceTracker` exactly as the callbacks do (``set_batch`` before the forward, ``step`` after
+``backward``).
 
-With ``--frameworks`` (default on) the same GPT-2 is also trained through Lightning and the
-Hugging Face Trainer with and without their callbacks (attribution schedule off: only tracking
-is measured), when those integrations import.
+Unless ``--no-frameworks`` or ``--quick``, the same GPT-2 is also trained through Lightning and
+the Hugging Face Trainer with and without their callbacks at default settings (attribution
+schedule off: only tracking is measured), when those integrations import.
 
-    python benchmarks/overhead.py           # ~5 min on 2 cores
-    python benchmarks/overhead.py --quick   # ~1 min
+    python benchmarks/overhead.py           # ~8 min on 2 cores
+    python benchmarks/overhead.py --quick   # ~3 min
 """
 
 from __future__ import annotations
@@ -85,35 +87,47 @@ def digits_loop(batch_size: int = 64) -> tuple[Loop, dict]:
     return loop, {}
 
 
-def tracker_configs(every: int) -> dict[str, tuple[dict, bool]]:
+DEFAULT_EVERY = ip.InfluenceConfig().update_every
+
+
+def tracker_configs() -> dict[str, tuple[dict, bool]]:
     """name → (InfluenceConfig overrides, steady state with eigenvalues)."""
     return {
-        "default, covariances phase": ({}, False),
+        f"default (statistics every {DEFAULT_EVERY} steps), covariances phase": ({}, False),
         "default, steady state (covariances + eigenvalues)": ({}, True),
-        f"default, statistics every {every} steps (steady)": ({"update_every": every}, True),
-        'fisher="sampled" (steady)': ({"fisher": "sampled"}, True),
-        f'fisher="sampled", every {every} steps (steady)': ({"fisher": "sampled", "update_every": every}, True),
+        'fisher="sampled", default (steady)': ({"fisher": "sampled"}, True),
+        "statistics every step, covariances phase": ({"update_every": 1}, False),
+        "statistics every step, steady state": ({"update_every": 1}, True),
+        'fisher="sampled", every step (steady)': ({"fisher": "sampled", "update_every": 1}, True),
     }
 
 
-def measure(loop: Loop, base: dict, every: int, steps: int, repeats: int) -> list[list]:
+def measure(loop: Loop, base: dict, steps: int, repeats: int) -> list[list]:
+    """Rows of the table. A repetition runs ``steps`` steps (a multiple of the default interval, so
+    each holds its share of statistics steps); the every-step rows run ``steps // 4`` (cost per step
+    is what they report)."""
     trackers: dict[str, Optional[ip.InfluenceTracker]] = {"plain training step": None}
-    for name, (overrides, steady) in tracker_configs(every).items():
-        tracker = ip.InfluenceTracker(loop.model, loop.task, ip.InfluenceConfig(**base, **overrides))
+    counts = {"plain training step": steps}
+    for name, (overrides, steady) in tracker_configs().items():
+        config = ip.InfluenceConfig(**base, **overrides)
+        tracker = ip.InfluenceTracker(loop.model, loop.task, config)
         tracker.close()
-        if steady:  # accumulate some covariances, then start the eigenvalue phase
-            loop.run(2 * overrides.get("update_every", 1), tracker)
+        if steady:  # accumulate some covariances (step 0 is a statistics step), then start the eigenvalue phase
+            loop.run(2, tracker)
             tracker.attach()
             tracker.refresh_eigenbasis()
             tracker.close()
         trackers[name] = tracker
-    fns = {name: (lambda t=t: loop.run(steps, t)) for name, t in trackers.items()}
+        counts[name] = steps if config.update_every > 1 else max(1, steps // 4)
+    # any `steps` consecutive steps (a multiple of k) hold exactly steps / k statistics steps
+    fns = {name: (lambda t=t, n=counts[name]: loop.run(n, t)) for name, t in trackers.items()}
     med = interleaved(fns, repeats=repeats, warmup=1)
-    plain = med["plain training step"]
+    plain = med["plain training step"] / steps
     rows = []
     for name, seconds in med.items():
-        overhead = "—" if name == "plain training step" else f"**{100 * (seconds / plain - 1):+.1f} %**"
-        rows.append([name, f"{1000 * seconds / steps:.3g}", f"{seconds / plain:.3f}", overhead])
+        per_step = seconds / counts[name]
+        overhead = "—" if name == "plain training step" else f"**{100 * (per_step / plain - 1):+.1f} %**"
+        rows.append([name, f"{1000 * per_step:.3g}", f"{per_step / plain:.3f}", overhead])
     return rows
 
 
@@ -163,7 +177,7 @@ def lightning_rows(steps: int, repeats: int) -> list[list]:
         trainer.fit(Module(), loader)
 
     med = interleaved({"plain": lambda: fit(False), "callback": lambda: fit(True)}, repeats=repeats, warmup=1)
-    return [["Lightning Trainer.fit, InfluenceCallback (default, covariances phase)",
+    return [[f"Lightning Trainer.fit, InfluenceCallback (default: statistics every {DEFAULT_EVERY} steps)",
              f"{1000 * med['callback'] / steps:.1f} (plain {1000 * med['plain'] / steps:.1f})",
              f"{med['callback'] / med['plain']:.3f}", f"**{100 * (med['callback'] / med['plain'] - 1):+.1f} %**"]]
 
@@ -191,7 +205,7 @@ def hf_rows(steps: int, repeats: int) -> list[list]:
             Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=callbacks).train()
 
     med = interleaved({"plain": lambda: fit(False), "callback": lambda: fit(True)}, repeats=repeats, warmup=1)
-    return [["HF Trainer.train, InfluenceTrainerCallback (default, covariances phase)",
+    return [[f"HF Trainer.train, InfluenceTrainerCallback (default: statistics every {DEFAULT_EVERY} steps)",
              f"{1000 * med['callback'] / steps:.1f} (plain {1000 * med['plain'] / steps:.1f})",
              f"{med['callback'] / med['plain']:.3f}", f"**{100 * (med['callback'] / med['plain'] - 1):+.1f} %**"]]
 
@@ -200,34 +214,34 @@ def hf_rows(steps: int, repeats: int) -> list[list]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--steps", type=int, default=None, help="steps per timed repetition")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"steps per timed repetition (default: the default update_every, {DEFAULT_EVERY})")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--every", type=int, default=10, help="k of the 'every k steps' rows")
     parser.add_argument("--no-frameworks", action="store_true", help="skip the Lightning / HF Trainer rows")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     threads = setup_threads()
-    steps = args.steps or (args.every if not args.quick else 5)
-    repeats = args.repeats or (3 if args.quick else 5)
+    steps = args.steps or DEFAULT_EVERY
+    repeats = args.repeats or (2 if args.quick else 3)
     started = time.perf_counter()
     headers = ["configuration", "ms / step", "× plain", "overhead"]
     sections = []
     for title, build in (("Small GPT-2 (4 layers, width 256, seq 128, batch 8, vocab 8192)", gpt2_loop),
                          ("Digits MLP (64-128-128-10, batch 64)", digits_loop)):
         loop, base = build()
-        rows = measure(loop, base, args.every, steps if build is gpt2_loop else 4 * steps, repeats)
+        rows = measure(loop, base, steps if build is gpt2_loop else 4 * steps, repeats)
         sections.append(f"**{title}**\n\n{table(headers, rows)}")
         print(sections[-1], flush=True)
     notes = ""
-    if not args.no_frameworks:
-        rows, notes = framework_rows(max(4, steps), max(2, repeats // 2))
+    if not args.no_frameworks and not args.quick:
+        rows, notes = framework_rows(steps, repeats)
         if rows:
             sections.append(f"**Small GPT-2 through the framework callbacks** (whole `fit`/`train` call per repetition, "
-                            f"{max(4, steps)} steps)\n\n{table(headers, rows)}")
+                            f"{steps} steps)\n\n{table(headers, rows)}")
             print(sections[-1], flush=True)
     elapsed = time.perf_counter() - started
-    body = (f"{threads} torch threads; medians of {repeats} interleaved repetitions of {steps} steps "
-            f"(digits: {4 * steps}); overhead = tracked / plain − 1.\n\n" + "\n\n".join(sections)
+    body = (f"{threads} torch threads; medians of {repeats} interleaved repetitions of {steps} steps (digits: "
+            f"{4 * steps}; the every-step rows a quarter of that); overhead = per-step time tracked / plain − 1.\n\n" + "\n\n".join(sections)
             + (f"\n\n{notes}" if notes else "") + f"\n\nTotal benchmark time {elapsed:.0f}s.")
     print(body)
     if not args.no_write:

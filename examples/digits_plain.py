@@ -38,7 +38,8 @@ def main() -> None:
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     task = ip.ClassificationTask()
-    config = ip.InfluenceConfig(strategy="ekfac")
+    # a 228-step demo: statistics on every step (the default, every 32nd, keeps long runs' overhead low)
+    config = ip.InfluenceConfig(strategy="ekfac", update_every=1)
     with ip.InfluenceTracker(model, task, config) as tracker:
         for epoch in range(12):
             for xb, yb in DataLoader(train, batch_size=64, shuffle=True):

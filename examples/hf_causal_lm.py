@@ -112,7 +112,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     callback = InfluenceTrainerCallback(
         queries=queries,
-        config=ip.InfluenceConfig(strategy="ekfac", module_types=["Conv1D"]),
+        # a short demo: statistics on every step (the default, every 32nd, keeps long runs' overhead low)
+        config=ip.InfluenceConfig(strategy="ekfac", module_types=["Conv1D"], update_every=1),
         top_k=10,
         token_sequences=3,
     )

@@ -35,7 +35,11 @@ class InfluenceConfig:
             as an intersection. ``None`` accepts every supported type.
         query_rank: rank r of each layer's preconditioned query gradient (paper: 32). ``None``
             keeps queries at full rank.
-        update_every: accumulate curvature statistics on every n-th training step.
+        update_every: accumulate curvature statistics on every n-th optimizer step. Exact
+            statistics cost about as much as the tracked layers' forward and backward, so the
+            default 32 keeps tracking to a few percent of training; use 1 for short runs, and keep
+            an attribution interval of about 10 × ``update_every`` steps or more (EK-FAC
+            eigenvalues come from the statistics steps between attributions).
         sample_every: with ``fisher="sampled"``, run the sampled-label pass every n-th
             statistics step.
         accumulation_dtype: ``"float32"`` or ``"float64"`` for the accumulators, whatever the
@@ -50,7 +54,7 @@ class InfluenceConfig:
     modules: Optional[List[str]] = None
     module_types: Optional[List[str]] = None
     query_rank: Optional[int] = None
-    update_every: int = 1
+    update_every: int = 32
     sample_every: int = 1
     accumulation_dtype: str = "float32"
     max_fit_batches: Optional[int] = None

@@ -39,11 +39,29 @@ def fit_factors(model: nn.Module, task: Task, loader: Iterable, config: Optional
     return compute_factors(statistics, layers, config)
 
 
+LARGE_LAYER_BYTES = 1 << 30
+
+
 def new_statistics(layers: Sequence[TrackedLayer], config: InfluenceConfig) -> CurvatureStatistics:
-    """Accumulators for ``config.strategy`` (identity basis for the diagonal Fisher)."""
-    statistics = CurvatureStatistics(
-        layers, covariances=config.strategy in ("kfac", "ekfac"), dtype=getattr(torch, config.accumulation_dtype)
-    )
+    """Accumulators for ``config.strategy`` (identity basis for the diagonal Fisher).
+
+    Warns about layers whose accumulators alone exceed 1 GiB: typically a language model's output
+    head (``S`` is vocabulary², and must later be eigendecomposed), which the paper leaves out.
+    """
+    covariances = config.strategy in ("kfac", "ekfac")
+    dtype = getattr(torch, config.accumulation_dtype)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    for layer in layers:
+        d_out, d_in = layer.shape
+        elements = (d_in * d_in + d_out * d_out if covariances else 0) + (d_out * d_in if config.strategy != "kfac" else 0)
+        if elements * itemsize > LARGE_LAYER_BYTES:
+            warnings.warn(
+                f"infl_plugin: layer {layer.name!r} ([{d_out}, {d_in}]) needs {elements * itemsize / 2**30:.1f} GiB of "
+                f"{config.accumulation_dtype} curvature statistics; leave it out with InfluenceConfig.modules or "
+                "module_types unless that is intended (output heads over a vocabulary usually are not tracked)",
+                stacklevel=3,
+            )
+    statistics = CurvatureStatistics(layers, covariances=covariances, dtype=dtype)
     if config.strategy == "diagonal":
         statistics.set_basis({layer.name: (None, None) for layer in layers})
     return statistics

@@ -70,6 +70,15 @@ def test_unsupported_layers_that_were_asked_for_are_named():
     assert "Flatten" not in message and "ReLU" not in message and "Dropout" not in message
 
 
+def test_a_vocabulary_sized_layer_is_named_before_anything_is_allocated():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 20_000, bias=False))  # S alone: 20000² floats = 1.5 GiB
+    with pytest.warns(UserWarning, match=r"layer '1' \(\[20000, 8\]\) needs 1\.5 GiB") as record:
+        tracker = ip.InfluenceTracker(model, ip.ClassificationTask(), ip.InfluenceConfig(strategy="kfac"))
+    tracker.close()
+    assert len(record) == 1  # the small layer is not named
+    assert all(s.a_sum is None and s.s_sum is None for s in tracker.statistics.totals.values())
+
+
 def test_frozen_layers_are_not_tracked():
     model = ImageNet()
     model.conv.requires_grad_(False)

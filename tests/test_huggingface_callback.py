@@ -142,7 +142,7 @@ def make_trainer(model, items, out, callback=None, collate=None, eval_dataset=No
 
 
 def config(kind: str, **overrides) -> ip.InfluenceConfig:
-    values = dict(strategy="kfac", modules=LAYERS[kind], accumulation_dtype="float64")
+    values = dict(strategy="kfac", modules=LAYERS[kind], accumulation_dtype="float64", update_every=1)
     values.update(overrides)
     return ip.InfluenceConfig(**values)
 
@@ -482,7 +482,7 @@ def test_peft_lora_tracks_the_adapter_layers(tmp_path):
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(gpt2(), peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True,
                                                         lora_dropout=0.0))
-    callback = InfluenceTrainerCallback(queries=lm_examples(2, offset=90), config=ip.InfluenceConfig(strategy="kfac"),
+    callback = InfluenceTrainerCallback(queries=lm_examples(2, offset=90), config=ip.InfluenceConfig(strategy="kfac", update_every=1),
                                         top_k=3)
     make_trainer(model, lm_examples(16), tmp_path, callback, learning_rate=1e-2).train()
     names = callback.session.tracker.statistics.totals.keys()

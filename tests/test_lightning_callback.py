@@ -73,8 +73,11 @@ def _trainer(tmp_path, callbacks=(), epochs: int = 1, logger=False, **kwargs) ->
     return pl.Trainer(callbacks=list(callbacks), **options)
 
 
+EVERY_STEP = ip.InfluenceConfig(update_every=1)  # these short runs check statistics step by step
+
+
 def _callback(**kwargs) -> InfluenceCallback:
-    options = dict(queries="val", num_queries=2, top_k=3, progress=False, strict=True)
+    options = dict(queries="val", num_queries=2, top_k=3, progress=False, strict=True, config=EVERY_STEP)
     options.update(kwargs)
     return InfluenceCallback(**options)
 
@@ -94,7 +97,7 @@ def _assert_same_operator(a: ip.Factors, b: ip.Factors, rtol: float) -> None:
 
 def _post_hoc(module: Net, batch_size: int = BATCH, config: ip.InfluenceConfig | None = None) -> ip.Factors:
     loader = DataLoader(module.train_set, batch_size=batch_size, shuffle=False)
-    return ip.fit_factors(module, ip.ClassificationTask(), loader, config or ip.InfluenceConfig())
+    return ip.fit_factors(module, ip.ClassificationTask(), loader, config or EVERY_STEP)
 
 
 # ------------------------------------------------------------------------------------ training unchanged
@@ -105,8 +108,8 @@ def test_training_is_bit_for_bit_unchanged(tmp_path, accumulate):
     for with_callback in (False, True):
         pl.seed_everything(0)
         module = Net(dropout=0.3, shuffle=True)
-        callbacks = [_callback(every_n_steps=1, self_influence=True, config=ip.InfluenceConfig(fisher="sampled"))] \
-            if with_callback else []
+        config = ip.InfluenceConfig(fisher="sampled", update_every=1)
+        callbacks = [_callback(every_n_steps=1, self_influence=True, config=config)] if with_callback else []
         _trainer(tmp_path, callbacks, epochs=2, accumulate_grad_batches=accumulate).fit(module)
         results.append(_parameters(module))
         if with_callback:
@@ -192,7 +195,7 @@ def test_tensorboard_tags_and_artifacts_agree(tmp_path):
         np.testing.assert_allclose(histogram.histogram_value.sum, last["scores"][q].sum(), rtol=1e-4)
     assert {"influence_plots/score_ccdf", "influence_plots/layer_shares"} <= set(tags["images"])
     assert "influence/self_influence/text_summary" in tags["tensors"]
-    assert last["config"] == ip.InfluenceConfig().to_dict()
+    assert last["config"] == EVERY_STEP.to_dict()
     assert np.allclose(last["layer_shares"].sum(1), 1.0)
 
 
@@ -201,7 +204,7 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
     """Sampled Fisher: the label generator's state must be restored too. Statistics are compared
     bit for bit (same operations in the same order)."""
     steps = N_TRAIN // BATCH
-    config = ip.InfluenceConfig(fisher="sampled")
+    config = ip.InfluenceConfig(fisher="sampled", update_every=1)
 
     def run(epochs, root, ckpt_path=None):
         pl.seed_everything(0)

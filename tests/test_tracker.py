@@ -45,7 +45,7 @@ def train(model, items, tracker=None, lr=0.1, epochs=1, batch_size=8, accumulate
 def test_tracker_with_zero_lr_equals_fit_factors(strategy, fisher):
     """ekfac: one epoch of covariances, refresh, one epoch of eigenvalues = fit_factors' two passes."""
     items = data()
-    config = ip.InfluenceConfig(strategy=strategy, fisher=fisher, accumulation_dtype="float64", damping=1e-3)
+    config = ip.InfluenceConfig(update_every=1, strategy=strategy, fisher=fisher, accumulation_dtype="float64", damping=1e-3)
     model = mlp()
     epochs = 2 if strategy == "ekfac" else 1
     with ip.InfluenceTracker(model, ip.ClassificationTask(), config) as tracker:
@@ -61,7 +61,7 @@ def test_tracker_with_zero_lr_equals_fit_factors(strategy, fisher):
 
 def test_gradient_accumulation_equals_a_larger_batch():
     items = data()
-    config = ip.InfluenceConfig(strategy="kfac", accumulation_dtype="float64")
+    config = ip.InfluenceConfig(update_every=1, strategy="kfac", accumulation_dtype="float64")
     factors = []
     for batch_size, accumulate in ((8, 2), (16, 1)):
         model = mlp()
@@ -80,7 +80,7 @@ def test_training_is_bit_for_bit_unchanged(fisher, accumulate):
     plain = mlp(dropout=0.3)
     torch.manual_seed(123)
     train(plain, items, epochs=2, accumulate=accumulate)
-    config = ip.InfluenceConfig(strategy="ekfac", fisher=fisher)
+    config = ip.InfluenceConfig(update_every=1, strategy="ekfac", fisher=fisher)
     model = mlp(dropout=0.3)
     torch.manual_seed(123)
     with ip.InfluenceTracker(model, ip.ClassificationTask(), config) as tracker:
@@ -110,7 +110,7 @@ def test_attention_mask_keyword_is_picked_up_for_padding():
     torch.manual_seed(0)
     model = SeqNet().double()
     items = sequence_data()
-    config = ip.InfluenceConfig(strategy="kfac", accumulation_dtype="float64")
+    config = ip.InfluenceConfig(update_every=1, strategy="kfac", accumulation_dtype="float64")
     with ip.InfluenceTracker(model, ip.ClassificationTask(), config) as tracker:
         for batch in loader(items, 4):
             F.cross_entropy(model(x=batch["x"], attention_mask=batch["attention_mask"]), batch["labels"]).backward()
@@ -139,7 +139,7 @@ def test_hooks_are_removed_on_close_and_on_exception():
 
 def test_nan_batch_is_skipped_counted_and_warned():
     items = data(16)
-    config = ip.InfluenceConfig(strategy="kfac", accumulation_dtype="float64")
+    config = ip.InfluenceConfig(update_every=1, strategy="kfac", accumulation_dtype="float64")
     model = mlp()
     with ip.InfluenceTracker(model, ip.ClassificationTask(), config) as tracker:
         x, y = next(iter(loader(items, 8)))
@@ -161,7 +161,7 @@ def test_nan_batch_is_skipped_counted_and_warned():
 
 def test_state_dict_round_trip_continues_exactly():
     items = data()
-    config = ip.InfluenceConfig(strategy="ekfac", fisher="sampled", accumulation_dtype="float64")
+    config = ip.InfluenceConfig(update_every=1, strategy="ekfac", fisher="sampled", accumulation_dtype="float64")
     model = mlp()
     with ip.InfluenceTracker(model, ip.ClassificationTask(), config) as full:
         train(model, items, full, lr=0.0, epochs=2, refresh_after_epoch=True)
@@ -180,7 +180,7 @@ def test_state_dict_round_trip_continues_exactly():
 def test_ekfac_factors_before_refresh_need_a_loader():
     items = data(16)
     model = mlp()
-    with ip.InfluenceTracker(model, ip.ClassificationTask(), ip.InfluenceConfig()) as tracker:
+    with ip.InfluenceTracker(model, ip.ClassificationTask(), ip.InfluenceConfig(update_every=1)) as tracker:
         train(model, items, tracker, lr=0.0)
         with pytest.raises(RuntimeError, match="refresh_eigenbasis"):
             tracker.factors()
@@ -192,7 +192,7 @@ def test_a_failing_capture_never_breaks_training(monkeypatch):
     """An error inside a hook during the training backward skips that step's statistics only."""
     items = data(16)
     model = mlp()
-    with ip.InfluenceTracker(model, ip.ClassificationTask(), ip.InfluenceConfig(strategy="kfac")) as tracker:
+    with ip.InfluenceTracker(model, ip.ClassificationTask(), ip.InfluenceConfig(update_every=1, strategy="kfac")) as tracker:
         original = tracker.statistics.__class__.__call__
 
         def broken(self, capture):
