@@ -53,7 +53,8 @@ def new_statistics(layers: Sequence[TrackedLayer], config: InfluenceConfig) -> C
     itemsize = torch.empty((), dtype=dtype).element_size()
     for layer in layers:
         d_out, d_in = layer.shape
-        elements = (d_in * d_in + d_out * d_out if covariances else 0) + (d_out * d_in if config.strategy != "kfac" else 0)
+        elements = d_in * d_in + d_out * d_out if covariances else 0
+        elements += d_out * d_in if config.strategy != "kfac" else 0  # eigenvalue sums (ekfac, diagonal)
         if elements * itemsize > LARGE_LAYER_BYTES:
             warnings.warn(
                 f"infl_plugin: layer {layer.name!r} ([{d_out}, {d_in}]) needs {elements * itemsize / 2**30:.1f} GiB of "
