@@ -137,8 +137,10 @@ def test_reporter_logs_every_view(tmp_path):
     assert acc.Scalars("influence_stats/num_candidates")[-1].value == result.num_candidates
 
 
-def test_reporter_without_writer_is_a_noop():
-    TensorBoardReporter(None).log(_result(), _Source())
+def test_reporter_without_writer_is_a_noop(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a stray default SummaryWriter would create ./runs here
+    assert TensorBoardReporter(None).log(_result(), _Source()) is None
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_reporter_subclass_extension_point(tmp_path):
