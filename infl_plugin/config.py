@@ -88,11 +88,16 @@ class InfluenceConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "InfluenceConfig":
         """Build from a mapping (a loaded JSON or a DictConfig); unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"InfluenceConfig has no field(s) {unknown}; allowed fields: {sorted(known)}")
+        reject_unknown_fields(cls, values)
         return cls(**dict(values))
+
+
+def reject_unknown_fields(cls: type, values: Any, owner: Optional[str] = None) -> None:
+    """Raise ``ValueError`` naming the keys of ``values`` that are not fields of dataclass ``cls``."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{owner or cls.__name__} has no field(s) {unknown}; allowed fields: {sorted(known)}")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -105,4 +110,4 @@ def _positive_int(name: str, value: Any) -> None:
         raise ValueError(f"InfluenceConfig.{name} must be an integer >= 1, got {value!r}")
 
 
-__all__ = ["InfluenceConfig", "STRATEGIES", "FISHERS", "ACCUMULATION_DTYPES"]
+__all__ = ["InfluenceConfig", "STRATEGIES", "FISHERS", "ACCUMULATION_DTYPES", "reject_unknown_fields"]

@@ -202,11 +202,17 @@ class InfluenceSession:
         except Exception as error:  # never break training
             self._batch_failed(error)
 
+    @property
+    def capturing(self) -> bool:
+        """Whether the micro-batch in flight feeds the statistics (see `InfluenceTracker.capturing`)."""
+        return self.tracker.capturing
+
     def after_backward(self, batch: Any, grad_scale: Optional[float] = None, optimizer_step: bool = True) -> bool:
         """Commit the statistics of the micro-batch just backpropagated; never raises (unless strict).
 
         ``grad_scale``: ``training_loss / Σ_n loss_n`` including ``1/accumulation`` and the AMP loss
-        scale (default ``task.training_loss_scale(batch)``). Returns whether statistics were updated.
+        scale (default ``task.training_loss_scale(batch)``); only read when `capturing` was true for
+        this micro-batch. Returns whether statistics were updated.
         """
         try:
             return self.tracker.step(batch, grad_scale=grad_scale, optimizer_step=optimizer_step)
@@ -280,12 +286,8 @@ class InfluenceSession:
                 warnings.warn(f"infl_plugin: attribution at step {step} ({reason}) failed: "
                               f"{type(error).__name__}: {error}", stacklevel=2)
             finally:
-                try:
+                with self.tolerant(f"refreshing the eigenbasis at step {step}"):
                     self.tracker.refresh_eigenbasis()
-                except Exception as error:
-                    if self.strict:
-                        raise
-                    warnings.warn(f"infl_plugin: could not refresh the eigenbasis at step {step}: {error}", stacklevel=2)
         self.last_attribution_step = step
         self.attributions += 1
         if result is not None:
@@ -347,13 +349,9 @@ class InfluenceSession:
         """Report and write the artifact (main process); failures warn, never raise (unless strict)."""
         self.last_result = result
         for what, action in (("report", self._report), ("artifact", self._write)):
-            try:
-                with self.quiet(), _forked_rng(), torch.inference_mode(False), torch.enable_grad():
-                    action(result)
-            except Exception as error:
-                if self.strict:
-                    raise
-                warnings.warn(f"infl_plugin: writing the {what} of step {result.step} failed: {error}", stacklevel=3)
+            with self.tolerant(f"writing the {what} of step {result.step}"), self.quiet(), _forked_rng(), \
+                    torch.inference_mode(False), torch.enable_grad():
+                action(result)
         self.log(f"infl_plugin: attribution at step {result.step} ({result.reason}) scored {result.num_candidates} "
                  f"candidates against {result.num_queries} queries in {result.duration_s:.2f}s "
                  f"(strategy={result.strategy}, fisher={result.fisher})")
@@ -374,6 +372,16 @@ class InfluenceSession:
         except ImportError:  # pragma: no cover
             return _NoBar()
         return tqdm(total=total, desc=description, unit="ex", leave=False, dynamic_ncols=True)
+
+    @contextmanager
+    def tolerant(self, what: str) -> Iterator[None]:
+        """Run a side task of training: an error is raised when ``strict``, else warned about."""
+        try:
+            yield
+        except Exception as error:
+            if self.strict:
+                raise
+            warnings.warn(f"infl_plugin: {what} failed: {type(error).__name__}: {error}", stacklevel=3)
 
     @contextmanager
     def quiet(self) -> Iterator[None]:

@@ -125,10 +125,16 @@ class InfluenceTracker:
     def _due(self) -> bool:
         return self.optimizer_steps % self.config.update_every == 0
 
+    @property
+    def capturing(self) -> bool:
+        """Whether the training backward in flight feeds the statistics (empirical Fisher, a due
+        step): the only micro-batches whose ``grad_scale`` `step` uses, so callers can skip
+        working it out (a device sync, for token counts or the AMP scale) on all others."""
+        return self.statistics is not None and self.config.fisher == "empirical" and self._due()
+
     def _arm(self) -> None:
         """Let hooks feed the statistics during the next training backward only when it is used."""
-        use = self.statistics is not None and self.config.fisher == "empirical" and self._due()
-        self.hooks.sink = self.statistics if use else None
+        self.hooks.sink = self.statistics if self.capturing else None
 
     def _sampled_update(self, batch: Any) -> bool:
         with isolated(self.model):

@@ -166,9 +166,10 @@ class TrainingInputs:
     the root module, so each micro-batch is recorded once.
     """
 
-    def __init__(self, model: nn.Module, scale: TrainerLossScale) -> None:
+    def __init__(self, model: nn.Module, scale: TrainerLossScale, capturing: Callable[[], bool]) -> None:
         self.model = model
         self.scale = scale
+        self.capturing = capturing  # the loss scale is measured only for micro-batches that feed the statistics
         self.pending: list[MicroBatch] = []
         self._handles: list[Any] = []
 
@@ -203,7 +204,7 @@ class TrainingInputs:
             self.scale._warn("record", f"infl_plugin: could not record a training batch: {error}")
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self._recording(module) and self.pending and self.pending[-1].model_scale is None:
+        if self._recording(module) and self.pending and self.pending[-1].model_scale is None and self.capturing():
             try:
                 self.scale.measure(self.pending[-1], output)
             except Exception as error:  # never break training
@@ -303,7 +304,8 @@ class InfluenceTrainerCallback(TrainerCallback):
                 at_train_end=self.at_train_end, on_evaluate=self.on_evaluate_attribute, top_k=self.top_k, self_influence=self.self_influence,
                 is_main=state.is_world_process_zero, progress=not getattr(args, "disable_tqdm", False),
                 strict=self.strict)
-            self.inputs = TrainingInputs(model, TrainerLossScale(task))
+            session = self.session
+            self.inputs = TrainingInputs(model, TrainerLossScale(task), lambda: session.capturing)
         self.trainer = trainer
         if any(getattr(trainer, name, None) is not None for name in ("label_smoother", "compute_loss_func")):
             self._warn_once("loss", "infl_plugin: the Trainer uses label smoothing or a compute_loss_func; the "
@@ -345,11 +347,14 @@ class InfluenceTrainerCallback(TrainerCallback):
             self._warn_once("forwards", f"infl_plugin: {len(recorded)} training forwards in one micro-batch (a custom "
                             "compute_loss?); statistics use the last one's loss scale")
         micro = recorded[-1]
-        try:
-            scale = self.inputs.scale.grad_scale(micro, args, self.trainer, optimizer)
-        except Exception as error:  # never break training: the micro-batch's statistics are skipped
-            warnings.warn(f"infl_plugin: could not work out the loss scale of a micro-batch: {error}", stacklevel=2)
-            scale = math.nan
+        scale = None
+        if self.session.capturing:  # otherwise unused: skip its device syncs
+            try:
+                scale = self.inputs.scale.grad_scale(micro, args, self.trainer, optimizer)
+            except Exception as error:  # never break training: the micro-batch's statistics are skipped
+                warnings.warn(f"infl_plugin: could not work out the loss scale of a micro-batch: {error}",
+                              stacklevel=2)
+                scale = math.nan
         self.session.after_backward(micro.batch, scale, optimizer_step)
 
     # ----------------------------------------------------------------------------- attribution
@@ -363,13 +368,8 @@ class InfluenceTrainerCallback(TrainerCallback):
         if self.session is None:
             return
         self._attribute(state.global_step, "save")
-        try:
+        with self.session.tolerant("writing the influence state into the checkpoint"):
             self._save_state(args, state)
-        except Exception as error:
-            if self.strict:
-                raise
-            warnings.warn(f"infl_plugin: could not write the influence state into the checkpoint: {error}",
-                          stacklevel=2)
 
     def _attribute(self, step: int, reason: str) -> None:
         if self.session is not None and self.session.has_data:

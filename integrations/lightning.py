@@ -36,7 +36,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from infl_plugin.config import InfluenceConfig
+from infl_plugin.config import InfluenceConfig, reject_unknown_fields
 from infl_plugin.reporting import RENDERERS, Renderer, TensorBoardReporter
 from infl_plugin.session import InfluenceSession, make_loader, spaced_indices
 from infl_plugin.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
@@ -170,10 +170,7 @@ class InfluenceCallback(Callback):
         except ImportError:  # pragma: no cover - omegaconf is a dependency
             pass
         values = {f.name: getattr(cfg, f.name) for f in fields(cfg)} if isinstance(cfg, InfluenceCallbackConfig) else dict(cfg)
-        known = {f.name for f in fields(InfluenceCallbackConfig)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"InfluenceCallback has no field(s) {unknown}; allowed fields: {sorted(known)}")
+        reject_unknown_fields(InfluenceCallbackConfig, values, owner="InfluenceCallback")
         values.update(objects)
         return cls(**values)
 
@@ -267,10 +264,12 @@ class InfluenceCallback(Callback):
             return
         automatic = pl_module.automatic_optimization
         accumulation = trainer.accumulate_grad_batches if automatic else 1
-        try:
-            scale = self.task.training_loss_scale(self._batch) / accumulation * _amp_scale(trainer)
-        except Exception:  # the session counts and warns about bad batches
-            scale = float("nan")
+        scale = None
+        if self.session.capturing:  # otherwise unused: skip its device syncs
+            try:
+                scale = self.task.training_loss_scale(self._batch) / accumulation * _amp_scale(trainer)
+            except Exception:  # the session counts and warns about bad batches
+                scale = float("nan")
         self.session.after_backward(self._batch, grad_scale=scale, optimizer_step=_ends_optimizer_step(trainer, automatic))
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,

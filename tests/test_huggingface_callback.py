@@ -28,7 +28,8 @@ import infl_plugin as ip
 from infl_plugin.artifacts import read_artifacts
 from infl_plugin.fitting import accumulate, new_statistics
 from infl_plugin.hooks import LayerHooks
-from infl_plugin.integrations.huggingface import InfluenceTrainerCallback, load_state, tensorboard_logdir
+from infl_plugin.integrations.huggingface import (InfluenceTrainerCallback, TrainerLossScale, load_state,
+                                                 tensorboard_logdir)
 from infl_plugin.passes import isolated
 from infl_plugin.session import make_loader
 from infl_plugin.token_report import token_views
@@ -411,6 +412,24 @@ def test_no_hook_remains_after_training_or_an_exception(tmp_path):
         trainer.train()
     assert hooks_left(model) == []
     assert "_run_epoch" not in trainer.__dict__
+
+
+def test_loss_scale_is_worked_out_only_on_statistics_steps(tmp_path, monkeypatch):
+    """16 examples in batches of 4 with ``update_every=2``: steps 0 and 2 feed the statistics, and
+    only their micro-batches are measured and scaled (each a device sync on an accelerator)."""
+    calls = {"measure": 0, "grad_scale": 0}
+    for name in calls:
+        original = getattr(TrainerLossScale, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(TrainerLossScale, name, counted)
+    callback = InfluenceTrainerCallback(config=config("gpt2", update_every=2))
+    make_trainer(gpt2(), lm_examples(16), tmp_path, callback).train()
+    assert calls == {"measure": 2, "grad_scale": 2}
+    assert callback.session.tracker.updates == 2
 
 
 def test_a_failing_micro_batch_only_warns(tmp_path, monkeypatch):

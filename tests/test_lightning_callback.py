@@ -271,6 +271,22 @@ def test_no_hook_remains_after_fit_teardown_or_exception(tmp_path):
     assert _hook_counts(failing) == before and not callback.session.attached
 
 
+def test_loss_scale_is_worked_out_only_on_statistics_steps(tmp_path):
+    """With ``update_every=3`` over 6 steps, steps 0 and 3 feed the statistics: only they need the
+    loss scale (a device sync for token counts and the AMP scale), and they get it."""
+    class CountingTask(ip.ClassificationTask):
+        calls = 0
+
+        def training_loss_scale(self, batch):
+            CountingTask.calls += 1
+            return super().training_loss_scale(batch)
+
+    callback = _callback(task=CountingTask(), config=ip.InfluenceConfig(update_every=3), at_train_end=False)
+    _trainer(tmp_path, [callback]).fit(Net())
+    assert CountingTask.calls == 2
+    assert callback.session.tracker.updates == 2
+
+
 def test_bad_batch_is_skipped_counted_and_warned(tmp_path):
     class NaNOnce(Net):
         def training_step(self, batch, batch_idx):

@@ -210,6 +210,32 @@ def test_session_scores_match_dense_attributor(tmp_path):
     assert session.should_attribute(5, "every_n_steps") is False  # one attribution per step
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_failing_reporter_warns_or_raises_as_configured(tmp_path, strict):
+    """Reporting is a side task of training: it warns (the artifact is still written) unless strict."""
+    class Broken:
+        def log(self, result, source, step):
+            raise OSError("disk full")
+
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    data = TensorDataset(x, y)
+    model = nn.Linear(4, 2)
+    session = InfluenceSession(model, ip.ClassificationTask(), ip.InfluenceConfig(strategy="kfac"), top_k=2,
+                               progress=False, strict=strict)
+    session.set_data(make_loader(data, 8, indices=[0]), make_loader(data, 8))
+    session.reporter, session.artifact_dir = Broken(), str(tmp_path)
+    nn.functional.cross_entropy(model(x), y).backward()
+    session.after_backward((x, y))
+    if strict:
+        with pytest.raises(OSError, match="disk full"):
+            session.attribute(step=1)
+    else:
+        with pytest.warns(UserWarning, match=r"writing the report of step 1 failed: OSError: disk full"):
+            session.attribute(step=1)
+        assert read_artifacts(tmp_path)["step"].tolist() == [1]
+    session.close()
+
+
 def test_session_dataset_source():
     source = DatasetSource([10, 11], None)
     assert source.query_example(1) == 11 and source.candidate_example(0) is None
