@@ -124,13 +124,13 @@ def lds_truth(kind, theta_flat, x, y, xq, yq, l2, n_subsets, seeds, refresh):
                     gmax = max(gmax, float(gn.max()))
                     logits = torch.einsum("ni,mci->mnc", xqb, th)
                     losses[rows, si] = F.cross_entropy(logits.transpose(1, 2), yq.expand(len(rows), -1), reduction="none")
-        else:
-            view = gt.Flat(gt.make_model("mlp"))
+        else:  # "mlp" (digits) or "regmlp" (diabetes regression, used by fidelity.py)
+            view = gt.Flat(gt.make_model(kind))
             for si, seed in enumerate(seeds):
-                flat, gn = gt.train_mlp_batched(x, y, masks, l2, [1000 * seed + i for i in range(n_subsets)])
+                flat, gn = gt.train_mlp_batched(x, y, masks, l2, [1000 * seed + i for i in range(n_subsets)], kind=kind)
                 gmax = max(gmax, float(gn.max()))
                 for i in range(n_subsets):
-                    losses[i, si] = F.cross_entropy(view.logits(flat[i], xq), yq, reduction="none")
+                    losses[i, si] = gt.example_losses(kind, view.logits(flat[i], xq), yq)
         return {"masks": masks, "losses": losses, "gnorm_max": gmax}
 
     key = {"kind": kind, "n": n, "l2": l2, "subsets": n_subsets, "seeds": list(seeds), "x": float(x.sum()),

@@ -13,6 +13,16 @@ training set at the final parameters (the post-hoc reference), on:
 * relative Frobenius error of the preconditioned query gradients ``(G + λI)⁻¹ ∇f(q)``.
 
     python benchmarks/fidelity.py     # ~1 min on 2 cores
+
+``--lds`` measures the same question against ground truth instead: the linear datamodeling score
+(LDS: 100 random 50 % subsets, each retrained from 2 seeds, cached under ``benchmarks/.cache`` by
+`accuracy.lds_truth`) of factors tracked by `InfluenceTracker` during a minibatch training run
+next to ``fit_factors`` at the same final parameters, on the digits MLP (64-32-10, classification)
+and a diabetes regression MLP (10-32-1), for several statistics settings (see `TRACKERS`), all
+attached to the same training run (trackers never change training), over three training seeds;
+and post-hoc EK-FAC next to the exact GGN.
+
+    OMP_NUM_THREADS=2 python benchmarks/fidelity.py --lds    # ~10 min on 2 cores, ground truth cached
 """
 
 from __future__ import annotations
@@ -23,10 +33,12 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 import infl_plugin as ip
@@ -36,7 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "light
 from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_section  # noqa: E402
+import ground_truth as gt  # noqa: E402
+from accuracy import lds_truth  # noqa: E402
+from common import table, write_section  # noqa: E402
 
 
 def ranks(x: torch.Tensor) -> torch.Tensor:
@@ -94,6 +108,157 @@ def run(every: int, fisher: str, update_every: int, epochs: int, num_queries: in
     return out
 
 
+# ------------------------------------------------------------------------------------- LDS
+LDS_HEADING = "Tracked vs post-hoc factors against retraining (fidelity.py --lds)"
+L2, LR, BATCH, EPOCHS, ATTRIBUTIONS = 1e-3, 0.01, 32, 60, 4
+
+
+def trackers(every: int) -> dict[str, dict]:
+    """Tracker settings compared (name → InfluenceConfig overrides); ``every``: attribution interval."""
+    quarter = max(1, every // 4)
+    return {
+        "update_every=32": {"update_every": 32},
+        "update_every=1": {"update_every": 1},
+        "update_every=32, min_statistics_steps=8": {"update_every": 32, "min_statistics_steps": 8},
+        "update_every=32, eigenvalues from the bounded pass": {"update_every": 32, "min_statistics_steps": 10**6},
+        f"update_every=32, half_life={every}": {"update_every": 32, "half_life": every},
+        f"update_every=32, half_life={every}, min_statistics_steps=8":
+            {"update_every": 32, "half_life": every, "min_statistics_steps": 8},
+        f"update_every=32, half_life={every}, eigenvalues from the bounded pass":
+            {"update_every": 32, "half_life": every, "min_statistics_steps": 10**6},
+        f"update_every=1, half_life={every}": {"update_every": 1, "half_life": every},
+        f"update_every=1, half_life={quarter}": {"update_every": 1, "half_life": quarter},
+        "update_every=1, statistics_fraction=1/32": {"update_every": 1, "statistics_fraction": 1 / 32},
+        f"update_every=1, statistics_fraction=1/32, half_life={every}":
+            {"update_every": 1, "statistics_fraction": 1 / 32, "half_life": every},
+        "update_every=32, sampled": {"update_every": 32, "fisher": "sampled"},
+        "update_every=1, sampled": {"update_every": 1, "fisher": "sampled"},
+    }
+
+
+def lds_problem(kind: str):
+    """``(x, y, xq, yq, task, truth)``: digits (500 train / 50 queries) or diabetes (300 / 100)."""
+    x, y, xq, yq = gt.digits(500, 50) if kind == "mlp" else gt.diabetes(300, 100)
+    truth = lds_truth(kind, None, x, y, xq, yq, L2, 100, [0, 1], False)
+    task = ip.ClassificationTask() if kind == "mlp" else ip.RegressionTask()
+    return x, y, xq, yq, task, truth
+
+
+def train_tracked(kind: str, x, y, task: ip.Task, configs: dict[str, ip.InfluenceConfig], seed: int):
+    """Minibatch Adam (cosine decay) on ``mean loss + (l2/2)‖θ‖²`` with one `InfluenceTracker` per
+    config attached; at each of ``ATTRIBUTIONS - 1`` intermediate attributions the eigenbasis is
+    refreshed (as the callbacks do), the last one at the end reads the factors. Returns the trained
+    model and ``{name: tracked factors}``."""
+    model = gt.make_model(kind, seed)
+    n = x.shape[0]
+    steps = EPOCHS * -(-n // BATCH)
+    every = steps // ATTRIBUTIONS
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    batches = [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, n, BATCH)]
+    tracked = {name: ip.InfluenceTracker(model, task, config) for name, config in configs.items()}
+    order = torch.Generator().manual_seed(seed)
+    step = 0
+    for _ in range(EPOCHS):
+        for rows in torch.randperm(n, generator=order).split(BATCH):
+            batch = (x[rows], y[rows])
+            optimizer.zero_grad()
+            out = model(batch[0])
+            loss = F.cross_entropy(out, batch[1]) if kind == "mlp" else F.mse_loss(out[:, 0], batch[1])
+            (loss + 0.5 * L2 * sum(p.pow(2).sum() for p in model.parameters())).backward()
+            for tracker in tracked.values():
+                tracker.step(batch)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if step % every == 0 and step < steps:
+                for tracker in tracked.values():
+                    tracker.refresh_eigenbasis()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        factors = {name: tracker.factors(loader=batches) for name, tracker in tracked.items()}
+    for tracker in tracked.values():
+        tracker.close()
+    return model, factors, batches, every
+
+
+def lds_rows(kind: str, seeds: list[int]) -> tuple[list[list], list[list]]:
+    """Tracked-vs-post-hoc rows and post-hoc-vs-exact-GGN rows for one model (means over seeds)."""
+    x, y, xq, yq, task, truth = lds_problem(kind)
+    queries = [(xq, yq)]
+    every = EPOCHS * -(-x.shape[0] // BATCH) // ATTRIBUTIONS
+    settings = trackers(every)
+    results: dict[str, list[float]] = {}
+    exact: dict[str, list[float]] = {}
+
+    def add(into, name, value):
+        into.setdefault(name, []).append(value)
+
+    for seed in seeds:
+        configs = {name: ip.InfluenceConfig(**over) for name, over in settings.items()}
+        # a sampled-Fisher tracker's extra passes would also feed the hooks of empirical trackers
+        # armed for the next training backward: the two kinds ride along separate (identical) runs
+        factors, params = {}, []
+        for fisher in ("empirical", "sampled"):
+            group = {name: c for name, c in configs.items() if c.fisher == fisher}
+            model, tracked, batches, _ = train_tracked(kind, x, y, task, group, seed)
+            factors.update(tracked)
+            params.append(gt.Flat(model).get())
+        assert torch.equal(params[0], params[1]), "tracking changed training"
+        post = {}
+        for fisher, draws in (("empirical", 1), ("sampled", 1), ("sampled", 8)):
+            config = ip.InfluenceConfig(fisher=fisher, fisher_samples=draws)
+            scores = ip.Attributor(model, task, ip.fit_factors(model, task, batches, config), config).pairwise_scores(queries, batches)
+            post[(fisher, draws)] = gt.lds(scores, truth)
+        for name, f in factors.items():
+            config = configs[name]
+            scores = ip.Attributor(model, task, f, config).pairwise_scores(queries, batches)
+            add(results, name, gt.lds(scores, truth) - post[(config.fisher, 1)])
+            add(results, name + " (LDS)", gt.lds(scores, truth))
+        for key, value in post.items():
+            add(exact, f"post-hoc EK-FAC, {key[0]} Fisher, {key[1]} draw(s), damping heuristic", value)
+        # exact GGN at the final parameters, damping 0.1 × its mean eigenvalue (the heuristic, whole matrix)
+        view = gt.Flat(model)
+        flat = view.get()
+        ggn = gt.dense_ggn(view, flat, x, kind=kind)
+        damping = 0.1 * float(ggn.diagonal().mean())
+        exact_scores = gt.exact_scores(ggn, damping, gt.per_example_grads(view, flat, xq, yq, kind),
+                                       gt.per_example_grads(view, flat, x, y, kind))
+        add(exact, "exact GGN (dense), damping 0.1 × mean eigenvalue", gt.lds(exact_scores, truth))
+        for draws in (1, 8):
+            config = ip.InfluenceConfig(fisher="sampled", fisher_samples=draws, damping=damping)
+            scores = ip.Attributor(model, task, ip.fit_factors(model, task, batches, config), config).pairwise_scores(queries, batches)
+            add(exact, f"post-hoc EK-FAC, sampled Fisher, {draws} draw(s), same damping as the GGN", gt.lds(scores, truth))
+        print(f"{kind} seed {seed}: post-hoc {post}", flush=True)
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    tracked_rows = [[name, mean(results[name + " (LDS)"]), f"{mean(results[name]):+.3f}",
+                     " ".join(f"{v:+.3f}" for v in results[name])] for name in settings]
+    exact_rows = [[name, mean(values), " ".join(f"{v:.3f}" for v in values)] for name, values in exact.items()]
+    return tracked_rows, exact_rows
+
+
+def lds_main(seeds: list[int], write: bool) -> None:
+    started = time.perf_counter()
+    parts = []
+    for title, kind in (("digits MLP 64-32-10 (classification, 500 train / 50 queries)", "mlp"),
+                        ("diabetes MLP 10-32-1 (regression, 300 train / 100 queries)", "regmlp")):
+        tracked_rows, exact_rows = lds_rows(kind, seeds)
+        parts.append(f"**{title}**\n\n" + table(["tracker settings", "LDS", "Δ vs fit_factors", "Δ per seed"], tracked_rows)
+                     + "\n\n" + table(["post-hoc / exact", "LDS", "per seed"], exact_rows))
+        print(parts[-1], flush=True)
+    body = (f"Training: minibatch Adam (lr {LR}, cosine decay), batch {BATCH}, {EPOCHS} epochs, mean loss + "
+            f"(l2/2)‖θ‖² with l2 = {L2:g}, float64 model, default float32 statistics; {ATTRIBUTIONS} attributions "
+            "(eigenbasis refreshed at the first three, factors read at the last, at the end of training). "
+            "Every tracker is attached to the same training run. Reference: `fit_factors` on the training set at "
+            "the final parameters with the same Fisher (empirical unless the row says sampled). LDS ground truth: "
+            "100 random 50 % subsets retrained from 2 seeds each by full-batch Adam (`accuracy.lds_truth`); "
+            f"measurement: query loss. Means over training seeds {seeds}.\n\n" + "\n\n".join(parts)
+            + f"\n\nTotal time {time.perf_counter() - started:.0f} s.")
+    print(body)
+    if write:
+        write_section(LDS_HEADING, body)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--every", type=int, nargs="+", default=[45, 120, 360], help="every_n_steps values")
@@ -104,8 +269,13 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
+    parser.add_argument("--lds", action="store_true", help="LDS against retraining instead (see the module docstring)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of --lds")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    if args.lds:
+        lds_main(args.seeds, not args.no_write)
+        return
     lines = [
         f"sklearn digits MLP 64-64-10, 1,438 training images with 8 planted label flips, SGD lr 0.05 momentum 0.9, "
         f"batch 32 = 45 steps/epoch, {args.epochs} epochs, {args.queries} validation queries, EK-FAC, damping "

@@ -48,11 +48,27 @@ def digits(n_train: int, n_query: int, seed: int = 0):
     return t(x[tr]), torch.tensor(y[tr]), t(x[q]), torch.tensor(y[q])
 
 
+def diabetes(n_train: int, n_query: int, seed: int = 0):
+    """Standardised sklearn diabetes regression (442 × 10, bundled): ``(X_train, y_train, X_query,
+    y_query)``, float64, targets standardised with the training mean and std."""
+    from sklearn.datasets import load_diabetes
+
+    x, y = load_diabetes(return_X_y=True)
+    perm = np.random.default_rng(seed).permutation(len(x))
+    tr, q = perm[:n_train], perm[n_train:n_train + n_query]
+    x = (x - x[tr].mean(0)) / x[tr].std(0)
+    y = (y - y[tr].mean()) / y[tr].std()
+    t = lambda a: torch.tensor(a, dtype=DTYPE)  # noqa: E731
+    return t(x[tr]), t(y[tr]), t(x[q]), t(y[q])
+
+
 class MLP(nn.Module):
-    def __init__(self, hidden: int = 32) -> None:
+    """``d_in → hidden → d_out`` tanh MLP: 64-32-10 for digits, 10-32-1 for diabetes regression."""
+
+    def __init__(self, hidden: int = 32, d_in: int = 64, d_out: int = 10) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(64, hidden)
-        self.fc2 = nn.Linear(hidden, 10)
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.tanh(self.fc1(x)))
@@ -70,9 +86,18 @@ class LogReg(nn.Module):
 
 
 def make_model(kind: str, seed: int = 0) -> nn.Module:
+    """``"logreg"`` / ``"mlp"`` (digits) or ``"regmlp"`` (diabetes regression), float64."""
     torch.manual_seed(seed)
-    model = LogReg() if kind == "logreg" else MLP()
+    model = LogReg() if kind == "logreg" else MLP(d_in=10, d_out=1) if kind == "regmlp" else MLP()
     return model.to(DTYPE)
+
+
+def example_losses(kind: str, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example losses ``[..., N]`` of outputs ``[..., N, C]``: cross-entropy, or for ``"regmlp"``
+    the squared error ``(pred − y)²`` (the objective's mean-squared error, ``F.mse_loss``)."""
+    if kind == "regmlp":
+        return (outputs[..., 0] - y).pow(2)
+    return torch.logsumexp(outputs, -1) - outputs.gather(-1, y.expand(outputs.shape[:-1])[..., None])[..., 0]
 
 
 class Flat:
@@ -189,15 +214,15 @@ def with_bias(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
 
 
-def train_mlp_batched(x, y, weights, l2, seeds, steps=2000, lr=0.02, hidden=32):
-    """Train ``M`` independent 64-h-10 tanh MLPs at once with full-batch Adam (cosine decay).
+def train_mlp_batched(x, y, weights, l2, seeds, steps=2000, lr=0.02, hidden=32, kind="mlp"):
+    """Train ``M`` independent tanh MLPs (``kind``: see `make_model`) at once with full-batch Adam (cosine decay).
 
     ``weights: [M, N]`` select each model's subset (mean over it). Adam is per-coordinate and the
     models share no parameter, so summing their objectives trains each independently. A fixed
     step budget (the usual LDS protocol), not a convergence test: see the gradient norms returned.
     Returns ``[M, P]`` flat parameters (MLP named_parameters order) and the gradient norms ``[M]``.
     """
-    inits = [make_model("mlp", s) for s in seeds]
+    inits = [make_model(kind, s) for s in seeds]
     params = [torch.stack([m.get_parameter(name).detach() for m in inits]).requires_grad_(True)
               for name in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")]
     n_norm = weights.sum(1)
@@ -206,9 +231,9 @@ def train_mlp_batched(x, y, weights, l2, seeds, steps=2000, lr=0.02, hidden=32):
         w1, b1, w2, b2 = params
         h = torch.tanh(torch.einsum("ni,mhi->mnh", x, w1) + b1[:, None])
         logits = torch.bmm(h, w2.transpose(1, 2)) + b2[:, None]
-        ce = torch.logsumexp(logits, -1) - logits.gather(-1, y.expand(len(seeds), -1)[..., None])[..., 0]
+        losses = example_losses(kind, logits, y)
         reg = sum(p.pow(2).flatten(1).sum(1) for p in params)
-        return (weights * ce).sum(1) / n_norm + 0.5 * l2 * reg
+        return (weights * losses).sum(1) / n_norm + 0.5 * l2 * reg
 
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr * 1e-2)
@@ -224,15 +249,19 @@ def train_mlp_batched(x, y, weights, l2, seeds, steps=2000, lr=0.02, hidden=32):
 
 
 # ----------------------------------------------------------------------------- exact influence
-def per_example_grads(view: Flat, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``[n, P]`` gradients of each example's (unreduced) cross-entropy."""
+def per_example_grads(view: Flat, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, kind: str = "mlp") -> torch.Tensor:
+    """``[n, P]`` gradients of each example's (unreduced) cross-entropy, or for ``kind="regmlp"`` of
+    ``½(pred − y)²`` (infl_plugin's `RegressionTask` loss)."""
     def loss(f, xi, yi):
+        if kind == "regmlp":
+            return 0.5 * (view.logits(f, xi[None])[0, 0] - yi).pow(2)
         return F.cross_entropy(view.logits(f, xi[None]), yi[None])
     return vmap(grad(loss), in_dims=(None, 0, 0))(flat, x, y)
 
 
-def dense_ggn(view: Flat, flat: torch.Tensor, x: torch.Tensor, chunk: int = 100) -> torch.Tensor:
-    """Exact GGN of the mean cross-entropy: ``(1/N) Σ_n J_nᵀ (diag p_n − p_n p_nᵀ) J_n`` ``[P, P]``."""
+def dense_ggn(view: Flat, flat: torch.Tensor, x: torch.Tensor, chunk: int = 100, kind: str = "mlp") -> torch.Tensor:
+    """Exact GGN of the mean cross-entropy: ``(1/N) Σ_n J_nᵀ (diag p_n − p_n p_nᵀ) J_n`` ``[P, P]``;
+    for ``kind="regmlp"`` that of ``½(pred − y)²``: ``(1/N) Σ_n J_nᵀ J_n``."""
     p_dim = flat.numel()
     out = torch.zeros(p_dim, p_dim, dtype=DTYPE)
     jac = vmap(jacrev(lambda f, xi: view.logits(f, xi[None])[0]), in_dims=(None, 0))
@@ -241,6 +270,8 @@ def dense_ggn(view: Flat, flat: torch.Tensor, x: torch.Tensor, chunk: int = 100)
         j = jac(flat, xs)  # [n, C, P]
         p = torch.softmax(view.logits(flat, xs), -1)
         h = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+        if kind == "regmlp":
+            h = torch.ones_like(h)  # one output: the Hessian of ½(pred − y)² is 1
         # factor H_out = L Lᵀ is not needed: Σ_n J_nᵀ H_n J_n = Σ_n (H_n J_n)ᵀ-contracted with J_n
         out += torch.einsum("nap,nab,nbq->pq", j, h, j)
     return out / x.shape[0]
@@ -266,6 +297,14 @@ def cached(name: str, key: dict, compute: Callable[[], dict], refresh: bool = Fa
     value["key"] = key
     torch.save(value, path)
     return value
+
+
+def lds(scores: torch.Tensor, truth: dict) -> float:
+    """Linear datamodeling score of ``scores [Q, N]`` (positive = helpful) against retrained
+    ``truth`` (``masks [S, N]``, query losses ``losses [S, seeds, Q]``): per query, the Spearman
+    correlation over subsets between ``−Σ_(z∈S) score`` and the seed-averaged loss; mean over queries."""
+    predicted = -(truth["masks"] @ scores.T.to(DTYPE))  # [S, Q]: higher = lower loss expected
+    return mean_rowwise(spearman, predicted.T, truth["losses"].mean(1).T)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

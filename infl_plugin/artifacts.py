@@ -21,7 +21,10 @@ Arrays in an artifact (Q queries, N candidates, k = top_k, L layers):
 * ``self_scores [N]`` (optional): self-influence ``∇L(z)ᵀ(G+λI)⁻¹∇L(z)`` of each candidate.
 
 Metadata: ``step``, ``reason``, ``strategy``, ``fisher``, ``config`` (the `InfluenceConfig`
-dict), ``layer_names``, ``duration_s``, ``num_candidates``, ``extra`` (JSON-able, free-form).
+dict), ``layer_names``, ``duration_s``, ``num_candidates``, ``num_train`` (N of the mean training
+loss, for the predicted change ``-score / N``), ``measurement_name``, ``candidate_mode`` (which
+candidates were scored: ``"stream"``, ``"all"``, ``"tfidf"`` or ``"random"``, see
+`infl_plugin.candidates`), ``extra`` (JSON-able, free-form).
 """
 
 from __future__ import annotations
@@ -66,6 +69,22 @@ class AttributionResult:
     duration_s: float = 0.0
     self_scores: Optional[torch.Tensor] = None  # [N]
     extra: dict[str, Any] = field(default_factory=dict)
+    num_train: Optional[int] = None  # examples the training loss averages over (None: num_candidates)
+    measurement_name: str = "loss"  # what ``measurements`` and the scores' f are, for display
+    candidate_mode: str = "all"  # which candidates were scored (`infl_plugin.candidates`)
+
+    @property
+    def training_set_size(self) -> int:
+        """N in the mean training loss: `num_train`, else the number of candidates scored."""
+        return int(self.num_train) if self.num_train else self.num_candidates
+
+    def predicted_change(self, scores: torch.Tensor) -> torch.Tensor:
+        """First-order change of the query's measurement if an example's weight were doubled: ``-score / N``.
+
+        Up-weighting z by ε changes f by ``-ε · score`` (see `infl_plugin.attributor`); counting z
+        twice in a mean over N training examples is ε = 1/N.
+        """
+        return -scores / self.training_set_size
 
     @property
     def num_queries(self) -> int:
@@ -92,7 +111,8 @@ class AttributionResult:
             "step": int(self.step), "reason": self.reason, "strategy": self.strategy, "fisher": self.fisher,
             "config": self.config, "layer_names": list(self.layer_names), "duration_s": float(self.duration_s),
             "num_candidates": self.num_candidates, "num_queries": self.num_queries, "top_k": self.top_k,
-            "extra": self.extra,
+            "extra": self.extra, "num_train": self.num_train, "measurement_name": self.measurement_name,
+            "candidate_mode": self.candidate_mode,
         }
 
 
@@ -154,8 +174,8 @@ def read_artifacts(logdir: Union[str, os.PathLike], as_dataframe: Optional[bool]
         if as_dataframe:
             raise
         return rows
-    columns = ["step", "reason", "strategy", "fisher", "num_queries", "num_candidates", "top_k", "duration_s",
-               "layer_names", "config", "extra", "path", *ARRAY_FIELDS]
+    columns = ["step", "reason", "strategy", "fisher", "num_queries", "num_candidates", "num_train", "top_k",
+               "duration_s", "measurement_name", "candidate_mode", "layer_names", "config", "extra", "path", *ARRAY_FIELDS]
     return pd.DataFrame(rows, columns=columns)
 
 

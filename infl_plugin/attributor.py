@@ -17,13 +17,15 @@ tokens (or gradients, whichever is cheaper) into it; rank-r queries are truncate
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
 from .config import InfluenceConfig
+from .errors import ConfigurationError, InputOrderError
 from .factors import Factors, LayerFactors
 from .hooks import Capture, LayerHooks
 from .layers import select_layers
@@ -71,9 +73,16 @@ class Attributor:
     """Scores training examples against queries with `Factors` fitted on the same layers."""
 
     def __init__(self, model: nn.Module, task: Task, factors: Factors, config: Optional[InfluenceConfig] = None) -> None:
+        """``config`` defaults to the one the factors were fitted with (layers, dtype, query rank);
+        a ``config.strategy`` other than the factors' raises `ConfigurationError`."""
         self.model = model
         self.task = task
-        self.config = config or InfluenceConfig(strategy=factors.strategy)
+        self.config = config or _config_of(factors)
+        if self.config.strategy != factors.strategy:
+            raise ConfigurationError(
+                f"InfluenceConfig.strategy is {self.config.strategy!r} but the factors were fitted with "
+                f"{factors.strategy!r}; fit factors with this strategy, or pass config=None to use the factors' own"
+            )
         self.layers = select_layers(model, self.config.modules, self.config.module_types)
         factors.check_layers(self.layers)
         self.factors = factors
@@ -201,31 +210,20 @@ class Attributor:
         out: dict[str, torch.Tensor] = {}
 
         def sink(capture: Capture) -> None:
-            q = pq.layers[capture.layer.name]
-            a, g = capture.a.to(self.dtype), capture.g.to(self.dtype)
-            if q.full is not None and not per_token:
-                dw = torch.einsum("bto,bti->boi", g, a)
-                value = q.full.flatten(1) @ dw.flatten(1).T
-            elif q.full is not None:
-                value = torch.einsum("bto,qoi,bti->qbt", g, q.full, a)
-            elif per_token or not _reconstruct_cheaper(q, a.shape[0], a.shape[1]):
-                value = (torch.einsum("bto,qor->qbtr", g, q.u) * torch.einsum("bti,qir->qbtr", a, q.v)).sum(-1)
-                value = value if per_token else value.sum(-1)
-            else:
-                dw = torch.einsum("bto,bti->boi", g, a).flatten(1).T
-                step = max(1, _CHUNK_ELEMENTS // dw.shape[0])
-                value = torch.cat([
-                    (q.u[s: s + step] @ q.v[s: s + step].transpose(-1, -2)).flatten(1) @ dw
-                    for s in range(0, q.u.shape[0], step)
-                ])
             name = capture.layer.name
+            value = contract(pq.layers[name], capture.a.to(self.dtype), capture.g.to(self.dtype), per_token)
             out[name] = out[name] + value if name in out else value
 
         backward_pass(self.model, self.task, self.hooks, batch, sink)
         return out
 
     def iter_scores(self, queries: Queries, train: Iterable) -> Iterable[tuple[int, torch.Tensor]]:
-        """Yield ``(offset, per-layer scores [L, Q, B])`` batch by batch over ``train``."""
+        """Yield ``(offset, per-layer scores [L, Q, B])`` batch by batch over ``train``.
+
+        ``train`` must yield the examples in a fixed order (score columns are positions in it): a
+        shuffling ``DataLoader`` raises `InputOrderError`.
+        """
+        require_fixed_order(train)
         pq = self._prepared(queries)
         device = model_device(self.model)
         offset = 0
@@ -272,7 +270,8 @@ class Attributor:
         return TopK(best[0], best[1], worst[0], worst[1])
 
     def self_scores(self, train: Iterable) -> torch.Tensor:
-        """``∇L(z)ᵀ (G + λI)⁻¹ ∇L(z)`` per training example, ``[n_train]``."""
+        """``∇L(z)ᵀ (G + λI)⁻¹ ∇L(z)`` per training example, ``[n_train]`` (``train`` in a fixed order)."""
+        require_fixed_order(train)
         device = model_device(self.model)
         factors = self._device_factors(device)
         parts = []
@@ -290,7 +289,57 @@ class Attributor:
         return torch.cat(parts)
 
 
+def _config_of(factors: Factors) -> InfluenceConfig:
+    """The configuration saved with ``factors`` (fields this version does not know are ignored)."""
+    known = {f.name for f in fields(InfluenceConfig)}
+    saved = {k: v for k, v in (factors.config or {}).items() if k in known}
+    saved["strategy"] = factors.strategy
+    return InfluenceConfig(**saved)
+
+
+_SHUFFLING_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
+
+
+def require_fixed_order(loader: Iterable) -> None:
+    """Raise `InputOrderError` when ``loader`` is a ``DataLoader`` that shuffles (a random sampler,
+    or a ``DistributedSampler`` with ``shuffle=True``): scores are reported by position."""
+    if not isinstance(loader, DataLoader):
+        return
+    samplers = [loader.sampler, getattr(loader.batch_sampler, "sampler", None)]
+    for sampler in samplers:
+        if isinstance(sampler, _SHUFFLING_SAMPLERS) or (isinstance(sampler, DistributedSampler) and sampler.shuffle):
+            raise InputOrderError(
+                f"The training loader shuffles ({type(sampler).__name__}): score columns must follow the data set's "
+                "order. Pass a loader with shuffle=False (e.g. DataLoader(dataset, batch_size=..., shuffle=False))"
+            )
+
+
 _CHUNK_ELEMENTS = 1 << 24  # bound on a reconstructed chunk of rank-r queries: 16M elements (64 MiB in float32)
+
+
+def contract(query: QueryLayer, a: torch.Tensor, g: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+    """Scores ``<P_q, DW_b>`` of one layer call: ``[Q, B]`` (``[Q, B, T]`` when ``per_token``).
+
+    ``a: [B, T, d_in]`` and ``g: [B, T, d_out]`` are the call's activations and output gradients
+    (in the query's dtype); ``DW_b = Σ_t g_{b,t} a_{b,t}ᵀ``. Full-rank queries contract with the
+    formed ``DW`` (one matrix product); rank-r queries take the cheaper of the token path
+    ``Σ_t Σ_k (u_kᵀ g_t)(v_kᵀ a_t)`` and rebuilding ``U_q V_qᵀ`` in bounded query chunks. The one
+    implementation of the contraction: checkpoint scoring and streaming both call it.
+    """
+    if query.full is not None and not per_token:
+        dw = torch.einsum("bto,bti->boi", g, a)
+        return query.full.flatten(1) @ dw.flatten(1).T
+    if query.full is not None:
+        return torch.einsum("bto,qoi,bti->qbt", g, query.full, a)
+    if per_token or not _reconstruct_cheaper(query, a.shape[0], a.shape[1]):
+        value = (torch.einsum("bto,qor->qbtr", g, query.u) * torch.einsum("bti,qir->qbtr", a, query.v)).sum(-1)
+        return value if per_token else value.sum(-1)
+    dw = torch.einsum("bto,bti->boi", g, a).flatten(1).T
+    step = max(1, _CHUNK_ELEMENTS // dw.shape[0])
+    return torch.cat([
+        (query.u[s: s + step] @ query.v[s: s + step].transpose(-1, -2)).flatten(1) @ dw
+        for s in range(0, query.u.shape[0], step)
+    ])
 
 
 def _reconstruct_cheaper(q: QueryLayer, batch: int, tokens: int) -> bool:

@@ -2,22 +2,39 @@
 
 `InfluenceConfig` is a plain dataclass, so it works as an OmegaConf structured config
 (``OmegaConf.structured(InfluenceConfig)``) and as LightningCLI ``init_args``. Every field is
-checked in ``__post_init__``; an invalid value raises ``ValueError`` naming the field and the
-allowed values.
+checked in ``__post_init__``; an invalid value raises `ConfigurationError` (a ``ValueError``)
+naming the field and the allowed values. An unknown keyword (``InfluenceConfig(dampnig=1)``) is
+refused the same way, naming the allowed fields, by the small metaclass `_KnownFields` (the
+dataclass's own ``__init__`` and fields stay untouched, so OmegaConf and LightningCLI see a
+plain dataclass).
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, List, Optional
+
+from .errors import ConfigurationError
+from .layers import SUPPORTED_TYPES
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 FISHERS = ("empirical", "sampled")
 ACCUMULATION_DTYPES = ("float32", "float64")
+STREAM_WEIGHTS = ("none", "lr")
+
+
+class _KnownFields(type):
+    """Metaclass refusing unknown keyword arguments with a message instead of Python's TypeError."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        reject_unknown_fields(cls, kwargs)
+        return super().__call__(*args, **kwargs)
 
 
 @dataclass
-class InfluenceConfig:
+class InfluenceConfig(metaclass=_KnownFields):
     """Settings of curvature tracking, factor fitting and scoring.
 
     Attributes:
@@ -31,8 +48,16 @@ class InfluenceConfig:
             one extra forward/backward per sampled step).
         modules: fnmatch patterns on qualified module names (``"transformer.h.*.mlp.*"``);
             ``None`` tracks every supported layer.
-        module_types: class names to track (``["Linear", "Conv1D"]``); combined with ``modules``
-            as an intersection. ``None`` accepts every supported type.
+        module_types: class names to track, among ``"Linear"``, ``"Conv1D"`` and ``"Conv2d"``;
+            combined with ``modules`` as an intersection. ``None`` accepts every supported type.
+            Default selection (``modules=None``): every supported layer with a trainable
+            parameter, except the unembedding (output head over the vocabulary: the layer a
+            model reports as its output embeddings, a layer whose weight is tied to an
+            ``nn.Embedding``, or one with a vocabulary-sized dimension), which the paper leaves
+            out and whose ``vocabulary²`` statistics alone take gigabytes; a warning names what
+            was left out. Patterns in ``modules`` that match such a layer (``["*"]``,
+            ``["lm_head"]``) track it. Only trainable parameters belong to a layer's gradient
+            (a frozen weight with a trainable bias is a bias-only layer).
         query_rank: rank r of each layer's preconditioned query gradient (paper: 32). ``None``
             keeps queries at full rank.
         update_every: accumulate curvature statistics on every n-th optimizer step. Exact
@@ -45,7 +70,34 @@ class InfluenceConfig:
         accumulation_dtype: ``"float32"`` or ``"float64"`` for the accumulators, whatever the
             model's dtype.
         max_fit_batches: bound on the batches read by each post-hoc fitting pass (``None``: all).
-        seed: seed of the generator that draws pseudo-labels for the sampled Fisher.
+        seed: seed (an integer) of the generator that draws pseudo-labels for the sampled Fisher.
+        stream_every: with streaming queries set (see `InfluenceTracker`), score the examples of
+            every n-th optimizer step from its training backward; n > 1 trades coverage (examples
+            trained on at other steps get no score from that visit) for overhead.
+        stream_refresh_every: re-differentiate and re-precondition the streaming queries every n
+            optimizer steps, at the current parameters with the current factors (one query pass
+            each, about the cost of a training step on the query batches). Default 50: scores
+            lag the parameters by at most 50 steps while the pass stays a few percent of training.
+            ``None``: only when the queries are set or `InfluenceTracker.refresh_queries` is called.
+        stream_weight: per-step weight of streamed scores. ``"none"`` sums an example's scores
+            over its visits (the influence of the example at the times it was trained on);
+            ``"lr"`` multiplies each step's scores by the learning rate the caller passes as
+            ``weight=`` (the step length the example actually moved the parameters by, as in
+            TracIn): use it when the learning rate varies a lot over the scored steps (warm-up,
+            decay to zero), so that visits at a negligible learning rate do not count fully.
+        fisher_samples: with ``fisher="sampled"``, pseudo-label draws per example in each
+            post-hoc pass (`fit_factors`, the tracker's bounded eigenvalue pass); the statistics
+            average over the draws. During training the draws accumulate over epochs instead (one
+            per visit of an example). Must be 1 with ``fisher="empirical"``.
+        half_life: optimizer steps after which a training step's curvature statistics weigh half
+            as much (an exponential moving average, decayed at every statistics step); ``None``
+            weighs the whole run equally. Tie it to the attribution interval.
+        statistics_fraction: fraction of each statistics step's examples (a random subset,
+            rounded up) whose statistics are taken; with ``update_every=1`` a fraction ``1/k``
+            spreads the cost of statistics on every k-th step over every step.
+        min_statistics_steps: statistics steps the EK-FAC eigenvalues should rest on. The
+            eigenbasis is refreshed only once the current one has that many; an attribution with
+            fewer warns (and, given a loader, runs the bounded eigenvalue pass instead).
     """
 
     strategy: str = "ekfac"
@@ -59,27 +111,56 @@ class InfluenceConfig:
     accumulation_dtype: str = "float32"
     max_fit_batches: Optional[int] = None
     seed: int = 0
+    stream_every: int = 1
+    stream_refresh_every: Optional[int] = 50
+    stream_weight: str = "none"
+    fisher_samples: int = 1
+    half_life: Optional[float] = None
+    statistics_fraction: float = 1.0
+    min_statistics_steps: int = 1
 
     def __post_init__(self) -> None:
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("fisher", self.fisher, FISHERS)
         _choice("accumulation_dtype", self.accumulation_dtype, ACCUMULATION_DTYPES)
-        if self.damping is not None and not float(self.damping) > 0.0:
-            raise ValueError(f"InfluenceConfig.damping must be None (heuristic) or a float > 0, got {self.damping!r}")
+        _damping(self.damping)
         _positive_int("update_every", self.update_every)
         _positive_int("sample_every", self.sample_every)
         if self.query_rank is not None:
             _positive_int("query_rank", self.query_rank)
         if self.max_fit_batches is not None:
             _positive_int("max_fit_batches", self.max_fit_batches)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigurationError(f"InfluenceConfig.seed must be an integer, got {self.seed!r}")
+        _positive_int("stream_every", self.stream_every)
+        if self.stream_refresh_every is not None:
+            _positive_int("stream_refresh_every", self.stream_refresh_every)
+        _choice("stream_weight", self.stream_weight, STREAM_WEIGHTS)
+        _positive_int("fisher_samples", self.fisher_samples)
+        if self.fisher_samples > 1 and self.fisher != "sampled":
+            raise ConfigurationError(
+                f"InfluenceConfig.fisher_samples must be 1 unless fisher='sampled', got {self.fisher_samples!r} "
+                f"with fisher={self.fisher!r}"
+            )
+        if self.half_life is not None:
+            _positive_number("half_life", self.half_life)
+        _positive_number("statistics_fraction", self.statistics_fraction)
+        if self.statistics_fraction > 1:
+            raise ConfigurationError(
+                f"InfluenceConfig.statistics_fraction must be a number in (0, 1], got {self.statistics_fraction!r}"
+            )
+        _positive_int("min_statistics_steps", self.min_statistics_steps)
         for name in ("modules", "module_types"):
             value = getattr(self, name)
             if value is not None:
                 if isinstance(value, str) or not all(isinstance(v, str) for v in value):
-                    raise ValueError(f"InfluenceConfig.{name} must be None or a list of strings, got {value!r}")
+                    raise ConfigurationError(f"InfluenceConfig.{name} must be None or a list of strings, got {value!r}")
                 if len(value) == 0:
-                    raise ValueError(f"InfluenceConfig.{name} must be None or a non-empty list of strings")
+                    raise ConfigurationError(f"InfluenceConfig.{name} must be None or a non-empty list of strings")
                 setattr(self, name, list(value))
+        if self.module_types is not None:
+            for value in self.module_types:
+                _choice("module_types", value, SUPPORTED_TYPES)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python copy (for JSON metadata and logging)."""
@@ -97,17 +178,38 @@ def reject_unknown_fields(cls: type, values: Any, owner: Optional[str] = None) -
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"{owner or cls.__name__} has no field(s) {unknown}; allowed fields: {sorted(known)}")
+        raise ConfigurationError(f"{owner or cls.__name__} has no field(s) {unknown}; allowed fields: {sorted(known)}")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"InfluenceConfig.{name} must be one of {list(allowed)}, got {value!r}")
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigurationError(f"InfluenceConfig.{name} must be one of {list(allowed)}, got {value!r}")
 
 
 def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"InfluenceConfig.{name} must be an integer >= 1, got {value!r}")
+        raise ConfigurationError(f"InfluenceConfig.{name} must be an integer >= 1, got {value!r}")
 
 
-__all__ = ["InfluenceConfig", "STRATEGIES", "FISHERS", "ACCUMULATION_DTYPES", "reject_unknown_fields"]
+def _positive_number(name: str, value: Any) -> None:
+    """A finite int or float > 0 (bools and strings refused)."""
+    if isinstance(value, (bool, str)) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ConfigurationError(f"InfluenceConfig.{name} must be a finite number > 0, got {value!r}")
+
+
+def _damping(value: Any) -> None:
+    """``None`` or a finite number > 0 (``inf`` would zero every score, NaN would poison them)."""
+    if value is None:
+        return
+    ok = not isinstance(value, (bool, str)) and isinstance(value, (int, float))
+    if not (ok and math.isfinite(value) and value > 0.0):
+        raise ConfigurationError(
+            f"InfluenceConfig.damping must be None (heuristic) or a finite float > 0, got {value!r}"
+        )
+
+
+InfluenceConfig.__signature__ = inspect.Signature(  # the dataclass fields, not the metaclass's (*args, **kwargs)
+    list(inspect.signature(InfluenceConfig.__init__).parameters.values())[1:]
+)
+
+__all__ = ["InfluenceConfig", "STRATEGIES", "FISHERS", "ACCUMULATION_DTYPES", "STREAM_WEIGHTS", "reject_unknown_fields"]

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import InfluenceConfig
+from .errors import ConfigurationError, FactorsFileError
 from .layers import TrackedLayer
 from .statistics import CurvatureStatistics
 
@@ -87,7 +88,7 @@ class Factors:
             missing = sorted(set(wanted) - set(have))
             extra = sorted(set(have) - set(wanted))
             mismatched = sorted(n for n in set(wanted) & set(have) if wanted[n] != have[n])
-            raise ValueError(
+            raise ConfigurationError(
                 "These factors were fitted for another layer set: "
                 f"layers without factors {missing}, factors without a layer {extra}, "
                 f"shape mismatches {[(n, have[n], wanted[n]) for n in mismatched]}. "
@@ -121,20 +122,67 @@ class Factors:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> "Factors":
-        with safe_open(str(path), framework="pt", device=str(device)) as handle:
-            raw = (handle.metadata() or {}).get("infl_plugin")
-            if raw is None:
-                raise ValueError(f"{path} is not an infl_plugin factors file (no 'infl_plugin' metadata)")
-            meta = json.loads(raw)
-            if meta.get("format_version") != FORMAT_VERSION:
-                raise ValueError(f"{path} has factors format {meta.get('format_version')}, expected {FORMAT_VERSION}")
-            keys = set(handle.keys())
-            layers = {}
-            for name in meta["shapes"]:
-                get = lambda k: handle.get_tensor(f"{name}::{k}") if f"{name}::{k}" in keys else None  # noqa: E731
-                layers[name] = LayerFactors(get("q_a"), get("q_s"), get("eigenvalues"), float(meta["dampings"][name]))
+        """Read a file written by `save`.
+
+        Raises ``FileNotFoundError`` for a missing file and `FactorsFileError` (a ``ValueError``)
+        naming the path and the problem for an empty, truncated or foreign file, a file of
+        another format version, or one that lacks the entries its strategy needs.
+        """
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"No factors file at {path}")
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as handle:
+                meta = _metadata(path, handle.metadata())
+                keys = set(handle.keys())
+                wanted = _STRATEGY_TENSORS[meta["strategy"]]
+                layers = {}
+                for name in meta["shapes"]:
+                    missing = [k for k in wanted if f"{name}::{k}" not in keys]
+                    if missing:
+                        raise FactorsFileError(f"{path}: layer {name!r} lacks the {missing} tensors of "
+                                               f"strategy {meta['strategy']!r}; the file is damaged")
+                    get = lambda k: handle.get_tensor(f"{name}::{k}") if k in wanted else None  # noqa: E731
+                    layers[name] = LayerFactors(get("q_a"), get("q_s"), get("eigenvalues"), float(meta["dampings"][name]))
+        except FactorsFileError:
+            raise
+        except Exception as error:  # safetensors raises its own error type for damaged headers/data
+            raise FactorsFileError(f"{path} is not a readable factors file ({type(error).__name__}: {error}); "
+                                   "it may be empty, truncated or of another format") from error
         shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
         return cls(meta["strategy"], layers, shapes, meta.get("config"))
+
+
+_STRATEGY_TENSORS = {
+    "identity": (),
+    "diagonal": ("eigenvalues",),
+    "kfac": ("q_a", "q_s", "eigenvalues"),
+    "ekfac": ("q_a", "q_s", "eigenvalues"),
+}
+
+
+def _metadata(path: Union[str, os.PathLike], raw: Optional[dict]) -> dict:
+    """The file's ``infl_plugin`` metadata, checked for the keys and version `Factors.load` reads."""
+    text = (raw or {}).get("infl_plugin")
+    if text is None:
+        raise FactorsFileError(f"{path} is not an infl_plugin factors file (no 'infl_plugin' metadata)")
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise FactorsFileError(f"{path} has unreadable factors metadata ({error})") from error
+    if not isinstance(meta, dict):
+        raise FactorsFileError(f"{path} has factors metadata of type {type(meta).__name__}, expected an object")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise FactorsFileError(f"{path} has factors format {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    missing = [k for k in ("strategy", "shapes", "dampings") if k not in meta]
+    if missing:
+        raise FactorsFileError(f"{path} lacks the factors metadata entries {missing}")
+    if meta["strategy"] not in _STRATEGY_TENSORS:
+        raise FactorsFileError(f"{path} names an unknown strategy {meta['strategy']!r}; "
+                               f"expected one of {list(_STRATEGY_TENSORS)}")
+    without = sorted(set(meta["shapes"]) - set(meta["dampings"]))
+    if without:
+        raise FactorsFileError(f"{path} lacks the damping of layers {without}")
+    return meta
 
 
 # --------------------------------------------------------------------------------- computation

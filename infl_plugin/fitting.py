@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Iterable, Optional, Sequence
 
@@ -12,6 +13,7 @@ from .config import InfluenceConfig
 from .factors import Factors, compute_factors, eigenbases
 from .hooks import LayerHooks
 from .layers import TrackedLayer, select_layers
+from .memory import estimate_memory
 from .passes import backward_pass, isolated, model_device
 from .statistics import CurvatureStatistics
 from .tasks import Task, move_to_device
@@ -22,7 +24,7 @@ def fit_factors(model: nn.Module, task: Task, loader: Iterable, config: Optional
 
     kfac/ekfac read the loader once for the covariances; ekfac reads it again for the corrected
     eigenvalues in the new eigenbasis; diagonal reads it once. ``config.fisher`` chooses real or
-    sampled labels (generator seeded with ``config.seed``).
+    sampled labels (generator seeded with ``config.seed``; ``config.fisher_samples`` draws per example).
     """
     config = config or InfluenceConfig()
     layers = select_layers(model, config.modules, config.module_types)
@@ -40,24 +42,26 @@ def fit_factors(model: nn.Module, task: Task, loader: Iterable, config: Optional
 
 
 LARGE_LAYER_BYTES = 1 << 30
+logger = logging.getLogger("infl_plugin")
 
 
 def new_statistics(layers: Sequence[TrackedLayer], config: InfluenceConfig) -> CurvatureStatistics:
     """Accumulators for ``config.strategy`` (identity basis for the diagonal Fisher).
 
-    Warns about layers whose accumulators alone exceed 1 GiB: typically a language model's output
-    head (``S`` is vocabulary², and must later be eigendecomposed), which the paper leaves out.
+    Logs the memory estimate of the selection (`estimate_memory`, logger ``"infl_plugin"``, level
+    INFO) and warns about layers whose accumulators alone exceed 1 GiB: typically a language
+    model's output head (``S`` is vocabulary², and must later be eigendecomposed), which the paper
+    leaves out.
     """
     covariances = config.strategy in ("kfac", "ekfac")
     dtype = getattr(torch, config.accumulation_dtype)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    for layer in layers:
-        d_out, d_in = layer.shape
-        elements = d_in * d_in + d_out * d_out if covariances else 0
-        elements += d_out * d_in if config.strategy != "kfac" else 0  # eigenvalue sums (ekfac, diagonal)
-        if elements * itemsize > LARGE_LAYER_BYTES:
+    estimate = estimate_memory(layers, config)
+    logger.info("infl_plugin: curvature statistics of the tracked layers\n%s", estimate.table())
+    for layer in estimate.layers:
+        if layer.statistics > LARGE_LAYER_BYTES:
+            d_out, d_in = layer.shape
             warnings.warn(
-                f"infl_plugin: layer {layer.name!r} ([{d_out}, {d_in}]) needs {elements * itemsize / 2**30:.1f} GiB of "
+                f"infl_plugin: layer {layer.name!r} ([{d_out}, {d_in}]) needs {layer.statistics / 2**30:.1f} GiB of "
                 f"{config.accumulation_dtype} curvature statistics; leave it out with InfluenceConfig.modules or "
                 "module_types unless that is intended (output heads over a vocabulary usually are not tracked)",
                 stacklevel=3,
@@ -79,18 +83,25 @@ def accumulate(
 ) -> int:
     """One pass of per-example statistics over ``loader`` (at most ``config.max_fit_batches``).
 
-    Returns the number of batches committed; raises if the loader is empty, warns on skips.
+    With ``fisher="sampled"`` each batch is backpropagated ``config.fisher_samples`` times, with
+    fresh pseudo-labels from ``generator`` each time, and every draw is committed like a batch of
+    its own: the statistics average over the draws (A is unchanged, S and the eigenvalues become
+    the mean of the single-draw estimates). Returns the number of draws committed; raises if the
+    loader is empty, warns on skips.
     """
     device = model_device(model)
     sample = config.fisher == "sampled"
+    draws = config.fisher_samples if sample else 1
     committed = seen = 0
     skipped_before = statistics.skipped_batches
     for batch in loader:
         if config.max_fit_batches is not None and seen >= config.max_fit_batches:
             break
         seen += 1
-        backward_pass(model, task, hooks, move_to_device(batch, device), statistics, sample=sample, generator=generator)
-        committed += statistics.commit(1.0)
+        batch = move_to_device(batch, device)
+        for _ in range(draws):
+            backward_pass(model, task, hooks, batch, statistics, sample=sample, generator=generator)
+            committed += statistics.commit(1.0)
     if seen == 0:
         raise ValueError("The loader yielded no batch: cannot fit curvature factors on an empty loader")
     skipped = statistics.skipped_batches - skipped_before

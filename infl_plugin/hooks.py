@@ -47,6 +47,21 @@ class Capture:
 Sink = Callable[[Capture], None]
 
 
+def fan_out(*sinks: Sink) -> Optional[Sink]:
+    """One sink handing each capture to every one of ``sinks`` in turn (``None`` when none,
+    the sink itself when one), so a single training backward feeds several consumers."""
+    if not sinks:
+        return None
+    if len(sinks) == 1:
+        return sinks[0]
+
+    def sink(capture: Capture) -> None:
+        for each in sinks:
+            each(capture)
+
+    return sink
+
+
 class LayerHooks:
     """Hooks on a fixed set of layers; a context manager that always removes them.
 

@@ -1,57 +1,64 @@
-"""TensorBoard reporting of one attribution: tables, image grids, histograms, CCDF, layer shares.
+"""TensorBoard reporting of one attribution, and of influence over the attributions of a run.
 
 Framework-free: `TensorBoardReporter` takes a ``torch.utils.tensorboard.SummaryWriter`` (or
 ``None``: every call is a no-op, e.g. on non-zero ranks) and logs an `AttributionResult` at a
-global step. The Lightning and Hugging Face callbacks both use it as is.
+global step. The Lightning and Hugging Face callbacks both use it as is; anything implementing
+`Reporter` (one ``log(result, source, step)`` method) can replace it.
 
 Where things land in TensorBoard (the part of a tag before the first ``/`` is its section):
 
-* **Text** — ``influence/query_{q:03d}``: the query (rendered, its dataset index and loss) and two
-  markdown tables, its ``top_k`` most helpful and most harmful training examples (rank, dataset
-  index, score, share of the query's Σ|score|, rendered example); ``influence/self_influence``:
-  the most self-influential training examples (mislabeled or atypical examples rank high);
-  ``influence/summary``: step, reason, strategy, Fisher, candidates scored, duration.
-* **Images** — ``influence_examples/query_{q:03d}``: a grid with the query and its top-k helpful
-  (top row) and harmful (bottom row) examples with their scores, when the renderer gives images;
-  ``influence_plots/score_ccdf``: P(|score| > s) against s on log-log axes per query with the
-  fitted power-law tail exponent α (CCDF ∝ s^-α; Hill estimator on the top 10 %);
-  ``influence_plots/layer_shares``: bar chart of each layer's share of Σ|score| (mean over
-  queries, with each query as a dot).
-* **Histograms / Distributions** — ``influence_scores/query_{q:03d}``: all scores of that query.
-* **Scalars** — ``influence_top/query_{q:03d}/helpful_{r}`` and ``.../harmful_{r}`` (r ≤
-  ``scalar_ranks``): the scores of the current top examples; ``influence_top/self_influence_{r}``;
-  ``influence_stats/tail_exponent/query_{q:03d}``, ``influence_stats/duration_s``,
-  ``influence_stats/num_candidates``.
+* **Text** — ``influence/query_{q:03d}``: the query (dataset index, label or text, its loss) and
+  two tables, its ``top_k`` most helpful and most harmful training examples: rank, dataset index,
+  raw score, share of the query's Σ|score|, ``Δ loss if ×2`` (the first-order change of the
+  query's loss if the example counted twice in the mean training loss, ``-score / N``), and the
+  label (image examples) or the text (cut at ``table_chars``); ``influence/self_influence``: the
+  training examples ranked by self-influence, a data-cleaning list; ``influence/summary``.
+* **Images** — ``influence_examples/query_{q:03d}``: the query, then its top helpful (red) and
+  harmful (blue) examples, four per row with index, label and share; ``influence_examples/
+  self_influence``: the highest self-influence examples; ``influence_over_training/query_{q:03d}``:
+  each tracked example's share of Σ|score| at every attribution so far; ``influence_plots/
+  score_ccdf`` (log-log P(|score| ≥ s) with the tail exponent α), ``influence_plots/layer_shares``
+  (per layer) and ``influence_plots/layer_depth`` (layers in depth bins, bottom to top).
+* **Histograms / Distributions** — ``influence_score_log10/query_{q:03d}``: every score of the
+  query as ``sign(s) · log10(1 + |s| / median|s|)``, readable despite heavy tails.
+* **Scalars** — ``influence_tracked/query_{q:03d}/example_{i:05d}``: the raw score of training
+  example i at each attribution, for every example that was in the query's top ``scalar_ranks``
+  helpful or harmful at some attribution (one line = one example); ``influence_tracked/
+  self_influence/example_{i:05d}`` likewise; ``influence_stats/topk_jaccard/query_{q:03d}``:
+  overlap of the query's top-k (helpful ∪ harmful) with the previous attribution's;
+  ``influence_stats/tail_exponent/query_{q:03d}``, ``duration_s``, ``num_candidates``.
 
 Sign: positive score = helpful (training on the example lowers the query's loss), negative =
-harmful. Raw scores have arbitrary scale (1e-3 … 1e7 depending on model and damping); the
-"share" column (score / Σ_n |score_n| of that query, in %) is comparable across queries.
+harmful. Raw scores have an arbitrary scale (1e-3 … 1e7 depending on model and damping); the share
+(score / Σ_n |score_n| of that query, in %) compares across queries and steps, and ``Δ loss if ×2``
+is in the loss's own units (nats for cross-entropy). The measurement is named by
+``result.measurement_name`` (a task's ``measurement_name`` attribute, default ``"loss"``).
 
-Extension points (for token-level views, custom plots):
+Extension points: pass ``extra_texts={"tag": markdown}`` / ``extra_figures={"tag": figure}`` to
+`TensorBoardReporter.log`, or subclass and override `TensorBoardReporter.log_extra` (called last
+with the result, the example source and the step; use `add_figure`, `add_markdown`, `tag`).
 
-* pass ``extra_texts={"tag": markdown}`` / ``extra_figures={"tag": matplotlib_figure}`` to
-  `TensorBoardReporter.log`;
-* or subclass and override `TensorBoardReporter.log_extra` (called last by `log` with the result,
-  the example source and the step); use ``self.writer``, `add_figure`, `add_markdown`, `tag`.
-  A session takes any reporter with a ``log(result, source, step)`` method.
-
-Renderers turn a dataset example into a `Rendered` (text and/or an image): `AutoRenderer` (the
-default), `ImageRenderer`, `TextRenderer` (optionally with a tokenizer), `ReprRenderer`; or any
-callable ``example -> Rendered | str | array``. `make_renderer` resolves names (``"auto"``,
-``"image"``, ``"text"``, ``"repr"``).
+Renderers turn a dataset example into a `Rendered` (text and/or an image, and a label):
+`AutoRenderer` (the default), `ImageRenderer`, `TextRenderer` (optionally with a tokenizer),
+`ReprRenderer`; or any callable ``example -> Rendered | str | array``. `make_renderer` resolves
+names (``"auto"``, ``"image"``, ``"text"``, ``"repr"``).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import numpy as np
 import torch
 
 from .artifacts import AttributionResult
+from .figures import (HARMFUL_COLOR, HELPFUL_COLOR, Section, Tile, ccdf_figure, grid_figure, history_figure,
+                      layer_depth_figure, layer_shares_figure)
+from .history import InfluenceHistory
 
 RENDERERS = ("auto", "image", "text", "repr")
 
@@ -59,11 +66,12 @@ RENDERERS = ("auto", "image", "text", "repr")
 # --------------------------------------------------------------------------------------- renderers
 @dataclass
 class Rendered:
-    """A displayable example: ``text`` (markdown-safe after `markdown_cell`) and an optional image
-    ``[H, W]`` or ``[H, W, 3]`` with values in [0, 1]."""
+    """A displayable example: ``text`` (plain; escaped by `markdown_cell` when shown), an optional
+    image ``[H, W]`` or ``[H, W, 3]`` with values in [0, 1], and its label when it has one."""
 
     text: str
     image: Optional[np.ndarray] = None
+    label: Any = None
 
 
 class Renderer:
@@ -110,7 +118,7 @@ class TextRenderer(Renderer):
         else:
             text = short_repr(content, self.max_chars)
         text = _truncate(text, self.max_chars)
-        return Rendered(text if label is None else f"{text} (label {label})")
+        return Rendered(text if label is None else f"{text} (label {label})", label=label)
 
 
 class ImageRenderer(Renderer):
@@ -131,8 +139,9 @@ class ImageRenderer(Renderer):
             label = self.label_names[label]
         text = "image" if label is None else f"label {label}"
         if image is None:
-            return Rendered(short_repr(example) if label is None else f"{short_repr(content, 60)} (label {label})")
-        return Rendered(text, image)
+            text = short_repr(example) if label is None else f"{short_repr(content, 60)} (label {label})"
+            return Rendered(text, label=label)
+        return Rendered(text, image, label)
 
 
 class AutoRenderer(Renderer):
@@ -151,7 +160,7 @@ class AutoRenderer(Renderer):
         if to_image(content, self.image.shape) is not None:
             return self.image(example)
         text = short_repr(content, self.max_chars)
-        return Rendered(text if label is None else f"{text} (label {label})")
+        return Rendered(text if label is None else f"{text} (label {label})", label=label)
 
 
 def make_renderer(spec: Union[str, Renderer, Callable[[Any], Any], None] = "auto",
@@ -255,9 +264,25 @@ def _truncate(text: str, max_chars: int) -> str:
     return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
 
 
-def markdown_cell(text: str) -> str:
-    """Escape a string for one markdown table cell (pipes, newlines)."""
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("\r", " ")
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|])")
+_WHITESPACE = re.compile(r"\s+")
+
+
+def escape_markdown(text: str) -> str:
+    """``text`` as Markdown that renders literally (TensorBoard's Python-Markdown, GitHub).
+
+    HTML specials become entities (``<`` would open a tag, a backslash does not escape it) and
+    Markdown syntax characters are backslash-escaped, pipes included (table cells).
+    """
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MD_SPECIAL.sub(r"\\\1", text)
+
+
+def markdown_cell(text: str, max_chars: Optional[int] = None) -> str:
+    """One table cell: whitespace runs (newlines included) as one space, cut at ``max_chars`` with an
+    ellipsis (before escaping, so an escape is never cut), then `escape_markdown`."""
+    text = _WHITESPACE.sub(" ", text).strip()
+    return escape_markdown(_truncate(text, max_chars) if max_chars else text)
 
 
 # --------------------------------------------------------------------------------------- analysis
@@ -294,6 +319,29 @@ def layer_shares(abs_sums: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, shares / total.clamp(min=1e-300), torch.zeros_like(shares)).float()
 
 
+def depth_bins(shares: torch.Tensor, bins: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """``[Q, L]`` per-layer shares (layers in network order) → ``[Q, B]`` sums over B = min(bins, L)
+    contiguous depth bins of near-equal size, and each bin's layer range ``[start, stop)``."""
+    count = shares.shape[1]
+    edges = np.linspace(0, count, min(bins, count) + 1).round().astype(int)
+    ranges = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    return torch.stack([shares[:, a:b].sum(1) for a, b in ranges], dim=1), ranges
+
+
+def signed_log_scores(values: torch.Tensor) -> np.ndarray:
+    """``sign(s) · log10(1 + |s| / m)`` of the finite scores, m = median of the non-zero ``|s|``.
+
+    Scale-free and readable despite heavy tails: 0 = no influence, ±1 = 9× the median example's
+    magnitude, ±2 = 99×; the sign is kept (positive = helpful).
+    """
+    x = np.asarray(torch.as_tensor(values).detach().cpu().double().reshape(-1))
+    x = x[np.isfinite(x)]
+    magnitude = np.abs(x)
+    nonzero = magnitude[magnitude > 0]
+    median = float(np.median(nonzero)) if nonzero.size else 1.0
+    return np.sign(x) * np.log10(1.0 + magnitude / median)
+
+
 # --------------------------------------------------------------------------------------- reporter
 class ExampleSource(Protocol):
     """Gives the reporter the examples behind dataset indices (``None`` when unavailable)."""
@@ -303,27 +351,47 @@ class ExampleSource(Protocol):
     def candidate_example(self, index: int) -> Any: ...
 
 
+@runtime_checkable
+class Reporter(Protocol):
+    """What ``InfluenceSession.reporter`` must implement: log one attribution (called on the main
+    process after each attribution, inside the session's tolerant guard: an exception warns)."""
+
+    def log(self, result: AttributionResult, source: Optional[ExampleSource] = None,
+            step: Optional[int] = None) -> None: ...
+
+
 class TensorBoardReporter:
     """Logs an `AttributionResult` to a ``SummaryWriter`` (``None`` = no-op). See the module docstring.
+
+    The reporter keeps state across attributions (the tracked examples of each query and the
+    previous top-k sets, see `InfluenceHistory`); it restarts when the query set changes.
 
     Args:
         writer: a ``torch.utils.tensorboard.SummaryWriter`` (Lightning: ``TensorBoardLogger.experiment``).
         renderer: name, `Renderer` or callable (see `make_renderer`).
         image_shape: reshape flat examples to this image shape (``[8, 8]`` for sklearn digits).
-        scalar_ranks: how many top ranks get a scalar per query and direction.
-        max_grid: at most this many examples per row of an image grid.
+        scalar_ranks: the top this-many helpful and harmful examples of each attribution join the
+            query's tracked examples (and the top self-influence ones the self-influence set).
+        max_grid: at most this many examples per direction in an image grid.
         max_queries: log per-query views (tables, grids, histograms, scalars) for at most this
-            many queries; the CCDF and layer-share figures always use every query.
+            many queries; the CCDF and layer figures always use every query.
+        table_chars: example text in tables is cut to this many characters.
+        max_tracked: at most this many tracked examples per query.
+        layer_bins: depth bins of the ``layer_depth`` figure.
     """
 
     def __init__(self, writer: Any = None, renderer: Union[str, Renderer, Callable, None] = "auto",
                  image_shape: Optional[Sequence[int]] = None, scalar_ranks: int = 3, max_grid: int = 8,
-                 max_queries: int = 32) -> None:
+                 max_queries: int = 32, table_chars: int = 80, max_tracked: int = 24, layer_bins: int = 8) -> None:
         self.writer = writer
         self.renderer = make_renderer(renderer, image_shape)
         self.scalar_ranks = scalar_ranks
         self.max_grid = max_grid
         self.max_queries = max_queries
+        self.table_chars = table_chars
+        self.layer_bins = layer_bins
+        self.history = InfluenceHistory(max_tracked)
+        self._query_ids: Optional[list[int]] = None
 
     @property
     def enabled(self) -> bool:
@@ -337,6 +405,9 @@ class TensorBoardReporter:
         if self.writer is None:
             return
         step = result.step if step is None else int(step)
+        if result.query_indices.tolist() != self._query_ids:
+            self.history.reset()
+            self._query_ids = result.query_indices.tolist()
         queries = range(min(result.num_queries, self.max_queries))
         rendered_queries = {q: self.render(source, "query", int(result.query_indices[q])) for q in queries}
         self.log_summary(result, step)
@@ -345,6 +416,7 @@ class TensorBoardReporter:
         self.log_histograms(result, step)
         self.log_ccdf(result, step)
         self.log_layer_shares(result, step)
+        self.log_history(result, step)
         self.log_scalars(result, step)
         for tag, text in (extra_texts or {}).items():
             self.add_markdown(tag, text, step)
@@ -382,181 +454,231 @@ class TensorBoardReporter:
         if self.writer is not None:
             self.writer.add_figure(tag, figure, global_step=step, close=True)
 
-    # ----------------------------------------------------------------------------- views
+    # ----------------------------------------------------------------------------- text
     def log_summary(self, result: AttributionResult, step: int) -> None:
         rows = [("step", result.step), ("reason", result.reason), ("strategy", result.strategy),
-                ("Fisher", result.fisher), ("queries", result.num_queries), ("candidates scored", result.num_candidates),
-                ("top_k", result.top_k), ("duration (s)", f"{result.duration_s:.2f}")]
+                ("Fisher", result.fisher), ("queries", result.num_queries), ("candidates scored", f"{result.num_candidates} ({result.candidate_mode})"),
+                ("training examples N", result.training_set_size), ("top_k", result.top_k),
+                ("duration (s)", f"{result.duration_s:.2f}")]
         text = "| field | value |\n|---|---|\n" + "\n".join(f"| {k} | {markdown_cell(str(v))} |" for k, v in rows)
-        text += "\n\nScore sign: positive = helpful (training on the example lowers the query's loss), negative = harmful."
+        text += (f"\n\nScore sign: positive = helpful (training on the example lowers the query's "
+                 f"{markdown_cell(result.measurement_name)}), negative = harmful.")
         self.add_markdown(self.tag("influence", "summary"), text, step)
 
     def top_table(self, result: AttributionResult, source: Optional[ExampleSource], q: int, direction: str) -> str:
-        """Markdown table of query ``q``'s top-k ``"helpful"`` or ``"harmful"`` examples."""
+        """Markdown table of query ``q``'s top-k ``"helpful"`` or ``"harmful"`` examples.
+
+        Columns: rank, dataset index, raw score, share of Σ|score| (%), predicted change of the
+        measurement if the example's weight were doubled, then the label (image examples) or the
+        example's text cut at ``table_chars``.
+        """
         indices = result.helpful_indices[q] if direction == "helpful" else result.harmful_indices[q]
         scores = result.helpful_scores[q] if direction == "helpful" else result.harmful_scores[q]
         total = float(result.scores[q].abs().nan_to_num(0.0).sum()) or 1.0
-        lines = ["| rank | index | score | share | example |", "|---:|---:|---:|---:|---|"]
-        for rank, (index, score) in enumerate(zip(indices.tolist(), scores.tolist()), start=1):
-            example = markdown_cell(self.render(source, "candidate", int(index)).text)
-            lines.append(f"| {rank} | {index} | {score:.4g} | {100 * score / total:+.2f}% | {example} |")
+        changes = result.predicted_change(scores.double())
+        shown = [self.render(source, "candidate", int(index)) for index in indices.tolist()]
+        images = any(r.image is not None for r in shown)
+        name = markdown_cell(result.measurement_name)
+        lines = [f"| rank | index | score | share | Δ {name} if ×2 | {'label' if images else 'example'} |",
+                 "|---:|---:|---:|---:|---:|:---|"]
+        for rank, (index, score, change, rendered) in enumerate(
+                zip(indices.tolist(), scores.tolist(), changes.tolist(), shown), start=1):
+            if images:
+                cell = "–" if rendered.label is None else markdown_cell(str(rendered.label))
+            else:
+                cell = markdown_cell(rendered.text, self.table_chars)
+            lines.append(f"| {rank} | {index} | {score:.3g} | {100 * score / total:+.2f}% | {change:+.3g} | {cell} |")
         return "\n".join(lines)
+
+    def query_heading(self, result: AttributionResult, q: int, query: Rendered) -> str:
+        """``**Query q** · dataset index · label · loss``, then the query's text when it is not an image."""
+        parts = [f"**Query {q}**", f"dataset index {int(result.query_indices[q])}"]
+        if query.image is not None and query.label is not None:
+            parts.append(f"label {markdown_cell(str(query.label))}")
+        parts.append(f"{markdown_cell(result.measurement_name)} {float(result.measurements[q]):.4g}")
+        head = " · ".join(parts)
+        if query.image is None:
+            head += "\n\n> " + markdown_cell(query.text, 4 * self.table_chars)
+        return head
 
     def log_tables(self, result: AttributionResult, source: Optional[ExampleSource], step: int,
                    rendered_queries: Optional[dict[int, Rendered]] = None) -> None:
+        name = markdown_cell(result.measurement_name)
+        n = result.training_set_size
+        legend = (f"*share*: score ÷ Σ|score| over the {result.num_candidates} scored examples. "
+                  f"*Δ {name} if ×2*: −score ÷ N (N = {n} training examples), the predicted change of this "
+                  f"query's {name}, in its own units (nats for cross-entropy), if the example counted twice in "
+                  "the mean training loss (first order: a linear extrapolation).")
         for q in range(min(result.num_queries, self.max_queries)):
             query = (rendered_queries or {}).get(q) or self.render(source, "query", int(result.query_indices[q]))
-            head = (f"**Query {q}** (dataset index {int(result.query_indices[q])}, measurement "
-                    f"{float(result.measurements[q]):.4g}): {markdown_cell(query.text)}")
-            text = (f"{head}\n\n**Most helpful** (top {result.top_k})\n\n{self.top_table(result, source, q, 'helpful')}"
-                    f"\n\n**Most harmful** (top {result.top_k})\n\n{self.top_table(result, source, q, 'harmful')}")
+            text = (f"{self.query_heading(result, q, query)}\n\n"
+                    f"**Most helpful** (training on them lowered this {name})\n\n"
+                    f"{self.top_table(result, source, q, 'helpful')}\n\n"
+                    f"**Most harmful** (training on them raised this {name})\n\n"
+                    f"{self.top_table(result, source, q, 'harmful')}\n\n{legend}")
             self.add_markdown(self.tag("influence", f"query_{q:03d}"), text, step)
         if result.self_scores is not None:
-            values, indices = result.self_top()
-            lines = ["| rank | index | self-influence | example |", "|---:|---:|---:|---|"]
-            for rank, (index, score) in enumerate(zip(indices.tolist(), values.tolist()), start=1):
-                example = markdown_cell(self.render(source, "candidate", int(index)).text)
-                lines.append(f"| {rank} | {index} | {score:.4g} | {example} |")
-            text = ("Most self-influential training examples (∇L(z)ᵀ(G+λI)⁻¹∇L(z)); mislabeled or atypical "
-                    "examples rank high.\n\n" + "\n".join(lines))
-            self.add_markdown(self.tag("influence", "self_influence"), text, step)
+            self.add_markdown(self.tag("influence", "self_influence"), self.self_influence_table(result, source), step)
 
+    def self_rows(self, result: AttributionResult) -> int:
+        """Rows of the self-influence list: the top 1 % of the candidates, at least top_k, at most 50."""
+        return min(max(result.top_k, math.ceil(0.01 * result.num_candidates)), 50, result.num_candidates)
+
+    def self_influence_table(self, result: AttributionResult, source: Optional[ExampleSource]) -> str:
+        """The data-cleaning list: candidates by decreasing self-influence, with their rank as a top percentage."""
+        values, indices = result.self_top(self.self_rows(result))
+        shown = [self.render(source, "candidate", int(index)) for index in indices.tolist()]
+        images = any(r.image is not None for r in shown)
+        n = result.num_candidates
+        lines = [f"| rank | index | self-influence | top % | {'label' if images else 'example'} |",
+                 "|---:|---:|---:|---:|:---|"]
+        for rank, (index, value, rendered) in enumerate(zip(indices.tolist(), values.tolist(), shown), start=1):
+            if images:
+                cell = "–" if rendered.label is None else markdown_cell(str(rendered.label))
+            else:
+                cell = markdown_cell(rendered.text, self.table_chars)
+            lines.append(f"| {rank} | {index} | {value:.4g} | {100 * rank / n:.2g}% | {cell} |")
+        return (f"**Training examples ranked by self-influence** ∇L(z)ᵀ(G+λI)⁻¹∇L(z), {n} scored. Mislabeled "
+                f"or atypical examples rank high: inspect the top 1 % ({math.ceil(0.01 * n)} examples) first, then "
+                f"the top 5 % ({math.ceil(0.05 * n)}). Every score is in the run's artifacts "
+                "(`read_artifacts(logdir)`, column `self_scores`).\n\n" + "\n".join(lines))
+
+    # ----------------------------------------------------------------------------- images
     def log_images(self, result: AttributionResult, source: Optional[ExampleSource], step: int,
                    rendered_queries: Optional[dict[int, Rendered]] = None) -> None:
-        """One grid per query whose rendering is an image: query, then top-k helpful / harmful rows."""
+        """Per query whose rendering is an image: the query, then its top helpful and harmful examples;
+        and the highest self-influence examples."""
         if source is None:
             return
+        k = min(result.top_k, self.max_grid)
+        name = result.measurement_name
         for q in range(min(result.num_queries, self.max_queries)):
             query = (rendered_queries or {}).get(q) or self.render(source, "query", int(result.query_indices[q]))
             if query.image is None:
                 continue
-            k = min(result.top_k, self.max_grid)
-            tiles = [[(query.image, f"query {q}\n{query.text}")], [(None, "row 1: helpful\nrow 2: harmful")]]
-            for row, direction in enumerate(("helpful", "harmful")):
+            total = float(result.scores[q].abs().nan_to_num(0.0).sum()) or 1.0
+            caption = _caption(int(result.query_indices[q]), query)
+            note = (f"{name} {float(result.measurements[q]):.3g}\nred: most helpful\nblue: most harmful\n"
+                    "caption: #index, label,\nshare of Σ|score|")
+            sections = [Section(f"query {q}", [Tile(query.image, caption)], note=note)]
+            for direction, color in (("helpful", HELPFUL_COLOR), ("harmful", HARMFUL_COLOR)):
                 indices = result.helpful_indices[q] if direction == "helpful" else result.harmful_indices[q]
                 scores = result.helpful_scores[q] if direction == "helpful" else result.harmful_scores[q]
+                tiles = []
                 for j in range(k):
                     shown = self.render(source, "candidate", int(indices[j]))
-                    tiles[row].append((shown.image, f"#{int(indices[j])} {shown.text}\n{float(scores[j]):.3g}"))
-            fig = _grid_figure(tiles)
-            self.add_figure(self.tag("influence_examples", f"query_{q:03d}"), fig, step)
+                    share = 100 * float(scores[j]) / total
+                    tiles.append(Tile(shown.image, f"{_caption(int(indices[j]), shown)}\n{share:+.1f}%"))
+                sections.append(Section(f"most {direction}", tiles, color))
+            self.add_figure(self.tag("influence_examples", f"query_{q:03d}"), grid_figure(sections), step)
+        if result.self_scores is not None:
+            values, indices = result.self_top(k)
+            shown = [self.render(source, "candidate", int(i)) for i in indices.tolist()]
+            if any(r.image is not None for r in shown):
+                tiles = [Tile(r.image, f"{_caption(int(i), r)}\nrank {rank}")
+                         for rank, (i, r) in enumerate(zip(indices.tolist(), shown), start=1)]
+                section = Section("highest self-influence (often mislabeled)", tiles, "black")
+                self.add_figure(self.tag("influence_examples", "self_influence"), grid_figure([section]), step)
 
     def log_histograms(self, result: AttributionResult, step: int) -> None:
         for q in range(min(result.num_queries, self.max_queries)):
-            values = result.scores[q].detach().cpu().double()
-            values = values[torch.isfinite(values)]
-            if values.numel():
-                self.writer.add_histogram(self.tag("influence_scores", f"query_{q:03d}"), values.numpy(), global_step=step)
+            values = signed_log_scores(result.scores[q])
+            if values.size:
+                self.writer.add_histogram(self.tag("influence_score_log10", f"query_{q:03d}"), values, global_step=step)
 
     def log_ccdf(self, result: AttributionResult, step: int) -> None:
-        import matplotlib
-
-        fig = _figure((5.5, 4.0))
-        ax = fig.subplots()
-        plotted = False
-        colors = matplotlib.colormaps["tab10"]
+        curves = []
         for q in range(result.num_queries):
             x, p = ccdf(result.scores[q])
             if x.size < 2:
                 continue
             alpha = float(result.tail_exponents[q]) if result.tail_exponents is not None else float("nan")
-            color = colors(q % 10)
-            label = f"q{q} α={alpha:.2f}" if math.isfinite(alpha) else f"q{q}"
-            ax.loglog(x, p, ".", ms=2, color=color, label=label if q < 10 else None)
-            if math.isfinite(alpha):
-                k = max(10, int(0.1 * x.size))
-                x0, p0 = x[-k], p[-k]
-                xs = np.array([x0, x[-1]])
-                ax.loglog(xs, p0 * (xs / x0) ** (-alpha), "-", lw=1, color=color)
-            plotted = True
-        if not plotted:
+            curves.append((f"q{q} α={alpha:.2f}" if math.isfinite(alpha) else f"q{q}", x, p, alpha))
+        if not curves:
             return
-        ax.set_xlabel("|influence score| s")
-        ax.set_ylabel("P(|score| ≥ s)")
         finite = result.tail_exponents[torch.isfinite(result.tail_exponents)]
         median = f"median α = {float(finite.median()):.2f}" if finite.numel() else "α not fitted"
-        ax.set_title(f"Score CCDF, step {result.step} ({median})", fontsize=9)
-        ax.legend(fontsize=6, loc="lower left")
-        fig.tight_layout()
-        self.add_figure(self.tag("influence_plots", "score_ccdf"), fig, step)
+        self.add_figure(self.tag("influence_plots", "score_ccdf"),
+                        ccdf_figure(curves, f"Score tails, step {result.step} ({median})"), step)
 
     def log_layer_shares(self, result: AttributionResult, step: int) -> None:
+        """Per-layer shares, and the same summed into depth bins (bottom → top of the network)."""
         if not result.layer_names:
             return
-        shares = result.layer_shares.detach().cpu().double().numpy()  # [Q, L]
-        n = len(result.layer_names)
-        fig = _figure((max(4.0, 0.5 * n + 2), 3.5))
-        ax = fig.subplots()
-        positions = np.arange(n)
-        ax.bar(positions, shares.mean(0), color="tab:blue", alpha=0.7, label="mean over queries")
-        for q in range(shares.shape[0]):
-            ax.plot(positions, shares[q], ".", color="black", ms=3, alpha=0.5, label="queries" if q == 0 else None)
-        ax.set_xticks(positions)
-        ax.set_xticklabels(result.layer_names, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center", fontsize=7)
-        ax.set_ylabel("share of Σ|score|")
-        ax.set_title(f"Per-layer influence shares, step {result.step}", fontsize=9)
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        self.add_figure(self.tag("influence_plots", "layer_shares"), fig, step)
+        shares = result.layer_shares.detach().cpu().double()  # [Q, L]
+        self.add_figure(self.tag("influence_plots", "layer_shares"),
+                        layer_shares_figure(shares.numpy(), result.layer_names,
+                                            f"Influence per layer, step {result.step}"), step)
+        if len(result.layer_names) < 2:
+            return
+        binned, ranges = depth_bins(shares, self.layer_bins)
+        labels = [f"{a + 1}" if b - a == 1 else f"{a + 1}–{b}" for a, b in ranges]
+        title = f"Influence by depth ({len(result.layer_names)} layers), step {result.step}"
+        self.add_figure(self.tag("influence_plots", "layer_depth"), layer_depth_figure(binned.numpy(), labels, title),
+                        step)
 
-    def log_scalars(self, result: AttributionResult, step: int) -> None:
+    # ----------------------------------------------------------------------------- over training
+    def log_history(self, result: AttributionResult, step: int) -> None:
+        """Scores of each query's tracked examples (one scalar series per example), the top-k overlap
+        with the previous attribution, and a figure per query of the tracked examples' shares."""
+        position = {int(index): n for n, index in enumerate(result.candidate_indices.tolist())}
         ranks = min(self.scalar_ranks, result.top_k)
         for q in range(min(result.num_queries, self.max_queries)):
-            for r in range(ranks):
-                self.writer.add_scalar(self.tag("influence_top", f"query_{q:03d}/helpful_{r + 1}"),
-                                       float(result.helpful_scores[q, r]), global_step=step)
-                self.writer.add_scalar(self.tag("influence_top", f"query_{q:03d}/harmful_{r + 1}"),
-                                       float(result.harmful_scores[q, r]), global_step=step)
+            row = result.scores[q].double()
+            total = float(row.abs().nan_to_num(0.0).sum()) or 1.0
+            entering = {int(i): "harmful" for i in result.harmful_indices[q, :ranks].tolist()}
+            entering.update({int(i): "helpful" for i in result.helpful_indices[q, :ranks].tolist()})
+
+            def value(index: int, row: torch.Tensor = row, total: float = total) -> Optional[tuple[float, float]]:
+                n = position.get(index)  # None: not scored this time (e.g. streamed candidates)
+                return None if n is None or not math.isfinite(row[n]) else (float(row[n]), 100 * float(row[n]) / total)
+
+            tracked = self.history.update(f"query_{q:03d}", step, entering, value)
+            for example in tracked.values():
+                if example.steps and example.steps[-1] == step:
+                    self.writer.add_scalar(self.tag("influence_tracked", f"query_{q:03d}/example_{example.index:05d}"),
+                                           example.values[-1], global_step=step)
+            top = result.helpful_indices[q].tolist() + result.harmful_indices[q].tolist()
+            overlap = self.history.overlap(f"query_{q:03d}", top)
+            if overlap is not None:
+                self.writer.add_scalar(self.tag("influence_stats", f"topk_jaccard/query_{q:03d}"), overlap,
+                                       global_step=step)
+            series = [(f"#{e.index}", e.direction, e.steps, e.shares) for e in tracked.values() if e.steps]
+            title = f"query {q}: its top examples over training\n(red: entered as helpful, blue: as harmful)"
+            self.add_figure(self.tag("influence_over_training", f"query_{q:03d}"), history_figure(series, title), step)
+        if result.self_scores is not None:
+            self_scores = result.self_scores.double()
+            total = float(self_scores.abs().nan_to_num(0.0).sum()) or 1.0
+            _, top = result.self_top(ranks)
+
+            def self_value(index: int) -> Optional[tuple[float, float]]:
+                n = position.get(index)
+                if n is None or not math.isfinite(self_scores[n]):
+                    return None
+                return float(self_scores[n]), 100 * float(self_scores[n]) / total
+
+            tracked = self.history.update("self_influence", step, {int(i): "helpful" for i in top.tolist()}, self_value)
+            for example in tracked.values():
+                if example.steps and example.steps[-1] == step:
+                    self.writer.add_scalar(self.tag("influence_tracked", f"self_influence/example_{example.index:05d}"),
+                                           example.values[-1], global_step=step)
+
+    def log_scalars(self, result: AttributionResult, step: int) -> None:
+        for q in range(min(result.num_queries, self.max_queries)):
             alpha = float(result.tail_exponents[q])
             if math.isfinite(alpha):
                 self.writer.add_scalar(self.tag("influence_stats", f"tail_exponent/query_{q:03d}"), alpha, global_step=step)
-        if result.self_scores is not None:
-            values, _ = result.self_top(ranks)
-            for r, value in enumerate(values.tolist()):
-                self.writer.add_scalar(self.tag("influence_top", f"self_influence_{r + 1}"), value, global_step=step)
         self.writer.add_scalar(self.tag("influence_stats", "duration_s"), float(result.duration_s), global_step=step)
         self.writer.add_scalar(self.tag("influence_stats", "num_candidates"), float(result.num_candidates), global_step=step)
 
 
-def _figure(size: tuple[float, float]) -> Any:
-    """A pyplot-free figure (rendered with the Agg canvas; the user's backend is left alone)."""
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=size, dpi=100)
-
-
-def _grid_figure(rows: list[list[tuple[Optional[np.ndarray], str]]]) -> Any:
-    """One image axes holding a mosaic of tiles (``(image | None, caption)``), captions above tiles.
-
-    A single axes renders ~20x faster than one axes per tile.
-    """
-    shapes = [img.shape[:2] for row in rows for img, _ in row if img is not None]
-    h = max(s[0] for s in shapes)
-    w = max(s[1] for s in shapes)
-    cols = max(len(row) for row in rows)
-    pad_w, pad_h = max(2, w // 8), max(2, h // 2)
-    mosaic = np.ones(((h + pad_h) * len(rows), (w + pad_w) * cols, 3))
-    for r, row in enumerate(rows):
-        for c, (img, _) in enumerate(row):
-            if img is None:
-                continue
-            tile = np.repeat(img[..., None], 3, axis=-1) if img.ndim == 2 else img
-            top, left = r * (h + pad_h) + pad_h, c * (w + pad_w)
-            mosaic[top: top + tile.shape[0], left: left + tile.shape[1]] = tile
-    fig = _figure((1.25 * cols, 1.6 * len(rows)))
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(mosaic, interpolation="nearest", aspect="equal")
-    for r, row in enumerate(rows):
-        for c, (_, caption) in enumerate(row):
-            x = c * (w + pad_w) + w / 2
-            y = r * (h + pad_h) + pad_h * 0.95 if row[c][0] is not None else r * (h + pad_h) + pad_h + h / 2
-            ax.text(x, y, caption, ha="center", va="bottom" if row[c][0] is not None else "center", fontsize=5.5)
-    ax.axis("off")
-    return fig
+def _caption(index: int, rendered: Rendered) -> str:
+    """``#index label y`` for a grid tile."""
+    return f"#{index}" if rendered.label is None else f"#{index} label {rendered.label}"
 
 
 __all__ = [
-    "AutoRenderer", "ExampleSource", "ImageRenderer", "RENDERERS", "Rendered", "Renderer", "ReprRenderer",
-    "TensorBoardReporter", "TextRenderer", "ccdf", "layer_shares", "make_renderer", "markdown_cell", "short_repr",
-    "tail_exponent", "to_image",
+    "AutoRenderer", "ExampleSource", "ImageRenderer", "RENDERERS", "Rendered", "Renderer", "Reporter", "ReprRenderer",
+    "TensorBoardReporter", "TextRenderer", "ccdf", "depth_bins", "escape_markdown", "layer_shares", "make_renderer",
+    "markdown_cell", "short_repr", "signed_log_scores", "tail_exponent", "to_image",
 ]

@@ -35,8 +35,10 @@ it runs in eval mode, with gradients enabled even inside ``torch.inference_mode`
 torch / numpy / ``random`` RNG states, with the tracker's own hooks paused, and without touching
 any parameter's ``.grad``: training continues bit for bit as without the session.
 
-**Distributed.** Factors are summed over processes (a collective: call `maybe_attribute` and
-`state_dict` on every rank); scoring, reporting and artifacts happen only where ``is_main``.
+**Distributed.** Statistics are summed over processes (a collective: call `maybe_attribute` and
+`state_dict` on every rank). An attribution reduces first and takes every decision (are there
+statistics yet?) from the sums, so all ranks follow the same path; factors, scoring, reporting and
+artifacts happen only where ``is_main``, and every rank refreshes its eigenbasis from the same sums.
 
 **Robustness.** A micro-batch whose statistics fail (exception, NaN/inf) is skipped, counted in
 `skipped_batches` / `failed_batches` and warned about; an attribution that raises is warned about
@@ -46,11 +48,12 @@ and counted in `failed_attributions` unless ``strict=True``.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 import warnings
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -61,7 +64,10 @@ from .attributor import Attributor, PreconditionedQueries
 from .config import InfluenceConfig
 from .factors import Factors
 from .reporting import layer_shares, tail_exponent
+from .statistics import CurvatureStatistics
+from .passes import isolated
 from .tasks import Task
+from .streaming import StreamedScores
 from .tracker import InfluenceTracker
 
 logger = logging.getLogger("infl_plugin")
@@ -114,7 +120,8 @@ class InfluenceSession:
         task: how to get per-example losses from a batch.
         config: the `InfluenceConfig`.
         every_n_steps: attribute every n optimizer steps (``None``: never on a step count).
-        on_save: attribute when a checkpoint is saved.
+        on_save: attribute when a checkpoint is saved; ``None`` (default): only when ``every_n_steps``
+            is ``None``, so a step schedule is not multiplied by one attribution per checkpoint.
         at_train_end: attribute when training ends.
         on_evaluate: attribute after an evaluation (adapters whose framework has such an event).
         top_k: helpful/harmful examples kept per query.
@@ -124,12 +131,16 @@ class InfluenceSession:
         progress: show a progress bar over the candidates during attribution.
         log: a function taking one line (default ``logging.getLogger("infl_plugin").info``).
         strict: re-raise attribution and statistics errors instead of warning.
+        candidates: what an attribution scores (`infl_plugin.candidates`): ``"stream"`` reads the
+            scores streamed from the training backward since the previous attribution (queries
+            go to the tracker in `set_data`; the candidate loader is scored while none exist);
+            any other mode scores the candidate loader given to `set_data`, chosen by the caller.
     """
 
     def __init__(self, model: nn.Module, task: Task, config: Optional[InfluenceConfig] = None, *,
-                 every_n_steps: Optional[int] = None, on_save: bool = True, at_train_end: bool = True,
+                 every_n_steps: Optional[int] = None, on_save: Optional[bool] = None, at_train_end: bool = True,
                  on_evaluate: bool = False, top_k: int = 10, self_influence: bool = False, is_main: bool = True, progress: bool = True,
-                 log: Optional[Callable[[str], None]] = None, strict: bool = False) -> None:
+                 log: Optional[Callable[[str], None]] = None, strict: bool = False, candidates: str = "all") -> None:
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1):
             raise ValueError(f"every_n_steps must be None or an integer >= 1, got {every_n_steps!r}")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
@@ -138,7 +149,7 @@ class InfluenceSession:
         self.task = task
         self.config = config or InfluenceConfig()
         self.every_n_steps = every_n_steps
-        self.on_save = on_save
+        self.on_save = (every_n_steps is None) if on_save is None else bool(on_save)
         self.at_train_end = at_train_end
         self.on_evaluate = on_evaluate
         self.top_k = top_k
@@ -147,6 +158,8 @@ class InfluenceSession:
         self.progress = progress
         self.log = log or logger.info
         self.strict = strict
+        self.candidate_mode = candidates
+        self.unindexed_batches = 0  # streaming micro-batches whose dataset indices were unknown
         self.tracker = InfluenceTracker(model, task, self.config)  # attaches its hooks
         self.reporter: Any = None  # anything with log(result, source, step)
         self.artifact_dir: Optional[str] = None
@@ -163,6 +176,7 @@ class InfluenceSession:
         self.last_factors: Optional[Factors] = None
         self.last_queries: Optional[PreconditionedQueries] = None
         self.last_attributor: Optional[Attributor] = None
+        self.loss_reduction: Union[None, str, float] = None  # see `check_training_loss`
 
     # ----------------------------------------------------------------------------- data
     def set_data(self, queries: Iterable, candidates: Iterable, *, query_dataset: Any = None,
@@ -175,6 +189,9 @@ class InfluenceSession:
         self.query_indices = None if query_indices is None else torch.as_tensor(list(query_indices), dtype=torch.long)
         self.candidate_indices = None if candidate_indices is None else torch.as_tensor(list(candidate_indices), dtype=torch.long)
         self.source = DatasetSource(query_dataset, candidate_dataset)
+        if self.candidate_mode == "stream":  # reads and preconditions the queries now: leave training's RNG alone
+            with self.quiet(), _forked_rng(), torch.inference_mode(False), torch.enable_grad():
+                self.tracker.set_queries(queries)
 
     @property
     def has_data(self) -> bool:
@@ -207,15 +224,28 @@ class InfluenceSession:
         """Whether the micro-batch in flight feeds the statistics (see `InfluenceTracker.capturing`)."""
         return self.tracker.capturing
 
-    def after_backward(self, batch: Any, grad_scale: Optional[float] = None, optimizer_step: bool = True) -> bool:
+    @property
+    def needs_grad_scale(self) -> bool:
+        """Whether `after_backward` reads ``grad_scale`` for the micro-batch in flight (statistics
+        or streaming): adapters skip working it out (device syncs) otherwise."""
+        return self.tracker.needs_grad_scale
+
+    def after_backward(self, batch: Any, grad_scale: Optional[float] = None, optimizer_step: bool = True,
+                       indices: Optional[torch.Tensor] = None, weight: Optional[float] = None) -> bool:
         """Commit the statistics of the micro-batch just backpropagated; never raises (unless strict).
 
         ``grad_scale``: ``training_loss / Σ_n loss_n`` including ``1/accumulation`` and the AMP loss
-        scale (default ``task.training_loss_scale(batch)``); only read when `capturing` was true for
-        this micro-batch. Returns whether statistics were updated.
+        scale (default ``task.training_loss_scale(batch)``); only read when `needs_grad_scale` was
+        true for this micro-batch. ``indices``: dataset indices ``[B]`` of its examples (streaming;
+        ``None``: unknown, left out of the streamed scores and counted in `unindexed_batches`);
+        ``weight``: the step's streaming weight (the learning rate with ``stream_weight="lr"``).
+        Returns whether statistics were updated.
         """
+        if indices is None and self.tracker.streaming:
+            self.unindexed_batches += 1
         try:
-            return self.tracker.step(batch, grad_scale=grad_scale, optimizer_step=optimizer_step)
+            return self.tracker.step(batch, grad_scale=grad_scale, optimizer_step=optimizer_step, indices=indices,
+                                     weight=weight, stream=indices is not None)
         except Exception as error:
             if self.tracker.statistics is not None:
                 self.tracker.statistics.discard()
@@ -234,6 +264,54 @@ class InfluenceSession:
     @property
     def skipped_batches(self) -> int:
         return self.tracker.skipped_batches + self.failed_batches
+
+    # ----------------------------------------------------------------------------- loss reduction
+    def check_training_loss(self, batch: Any, loss: float, factor: float = 1.0) -> None:
+        """Measure, once, how the training loss reduces the task's per-example losses.
+
+        ``loss``: the value the training backward differentiates; ``factor``: what the adapter
+        knows multiplies it besides the reduction (``1/accumulation`` × the AMP loss scale). The
+        batch's ``Σ_n loss_n`` is computed without gradients in eval mode with forked RNGs and the
+        hooks paused (training is unchanged), and ``loss / (factor × Σ_n loss_n)`` is compared with
+        the task's mean (``task.training_loss_scale``) and a plain sum (1). A sum is warned about
+        (an error when ``strict``) and then undone on every batch by `task_loss_scale`; neither
+        warns and uses the measured ratio. Undecided while the two hypotheses coincide (one example).
+        """
+        mean = self.task.training_loss_scale(batch)
+        if self.loss_reduction is not None or not (math.isfinite(mean) and mean > 0) or math.isclose(mean, 1.0):
+            return
+        with self.quiet(), isolated(self.model), torch.no_grad():
+            total = float(self.task.loss(self.model, batch).double().sum())
+        if not (math.isfinite(total) and total > 0 and math.isfinite(loss) and loss > 0):
+            return  # cannot tell from this batch; the next statistics micro-batch tries again
+        ratio = loss / (factor * total)
+        distance = {name: abs(math.log(ratio / value)) for name, value in (("mean", mean), ("sum", 1.0))}
+        nearest = min(distance, key=distance.get)
+        if distance[nearest] > math.log(1.5):
+            self.loss_reduction = ratio
+            message = (f"infl_plugin: the training loss is neither the mean nor the sum of the task's per-example "
+                       f"losses (loss / Σ losses = {ratio:.4g}; mean: {mean:.4g}, sum: 1); is the task right? "
+                       "Statistics use the measured ratio")
+        elif nearest == "sum":
+            self.loss_reduction = "sum"
+            message = (f"infl_plugin: the training loss is the sum of the per-example losses, not their mean (loss "
+                       f"/ Σ losses = {ratio:.4g}, mean would be {mean:.4g}); statistics undo a sum from now on")
+        else:
+            self.loss_reduction = "mean"
+            return
+        if self.strict:
+            raise ValueError(message + " (strict=True refuses the mismatch: make the loss a batch mean or pass a Task "
+                             "whose training_loss_scale matches it)")
+        warnings.warn(message, stacklevel=2)
+
+    def task_loss_scale(self, batch: Any) -> float:
+        """``training_loss / Σ_n loss_n`` before accumulation and AMP: the task's mean unless
+        `check_training_loss` measured a sum (1) or another ratio (that ratio)."""
+        if self.loss_reduction == "sum":
+            return 1.0
+        if isinstance(self.loss_reduction, float):
+            return self.loss_reduction
+        return self.task.training_loss_scale(batch)
 
     # ----------------------------------------------------------------------------- schedule
     def should_attribute(self, step: int, reason: str) -> bool:
@@ -267,18 +345,22 @@ class InfluenceSession:
         """
         if not self.has_data:
             raise RuntimeError("InfluenceSession.set_data(queries, candidates) must be called before attributing")
-        if not self._has_statistics():
-            warnings.warn(f"infl_plugin: no curvature statistics yet at step {step}; skipping the attribution",
-                          stacklevel=2)
-            return None
         started = time.perf_counter()
         result = None
         with self.quiet(), _forked_rng(), torch.inference_mode(False), torch.enable_grad():
+            # the attribution's only collective, on every rank before any branch: all decisions
+            # below read the summed statistics, so every process takes the same path
+            reduced = None if self.tracker.statistics is None else self.tracker.statistics.reduced()
+            if not self._has_statistics(reduced):
+                warnings.warn(f"infl_plugin: no curvature statistics yet at step {step}; skipping the attribution",
+                              stacklevel=2)
+                return None
             try:
-                factors = self.tracker.factors(loader=self.candidates)
-                self.last_factors = factors
-                if self.is_main:
-                    result = self._score(factors, step, reason, started)
+                streamed = self._streamed()  # a collective too: every rank
+                if self.is_main:  # factors only where they are used: other ranks skip the eigenvalue pass
+                    factors = self.tracker.factors(loader=self.candidates, reduced=reduced)
+                    self.last_factors = factors
+                    result = self._score(factors, step, reason, started, streamed)
             except Exception as error:
                 self.failed_attributions += 1
                 if self.strict:
@@ -287,25 +369,74 @@ class InfluenceSession:
                               f"{type(error).__name__}: {error}", stacklevel=2)
             finally:
                 with self.tolerant(f"refreshing the eigenbasis at step {step}"):
-                    self.tracker.refresh_eigenbasis()
+                    self.tracker.refresh_eigenbasis(reduced)
         self.last_attribution_step = step
         self.attributions += 1
         if result is not None:
             self._publish(result)
         return result
 
-    def _has_statistics(self) -> bool:
-        statistics = self.tracker.statistics
-        if statistics is None:
+    def _streamed(self) -> Optional[StreamedScores]:
+        """``candidates="stream"``: the scores streamed since the previous attribution, gathered
+        over processes (a collective: every rank), then reset; ``None`` in other modes or when no
+        example was streamed (the same on every rank: the result is gathered)."""
+        if self.candidate_mode != "stream":
+            return None
+        streamed = self.tracker.streamed_scores()
+        self.tracker.reset_stream()
+        return streamed if len(streamed) else None
+
+    def _has_statistics(self, reduced: Optional[CurvatureStatistics]) -> bool:
+        """Whether the statistics summed over processes (``None``: none needed) can give factors."""
+        if reduced is None:
             return True
         if self.config.strategy == "diagonal":
-            return statistics.has_eigenvalues
-        return statistics.has_covariances
+            return reduced.has_eigenvalues
+        return reduced.has_covariances
 
-    def _score(self, factors: Factors, step: int, reason: str, started: float) -> AttributionResult:
+    def _score(self, factors: Factors, step: int, reason: str, started: float,
+               streamed: Optional[StreamedScores] = None) -> AttributionResult:
         attributor = Attributor(self.model, self.task, factors, self.config)
         pq = attributor.precondition(self.queries)
         self.last_attributor, self.last_queries = attributor, pq
+        extra: dict[str, Any] = {"candidates_requested": self.candidate_mode}
+        if streamed is not None:  # no candidate pass: the scores streamed from the training backward
+            scores, candidate_indices = streamed.scores.float().cpu(), streamed.indices.cpu()
+            shares, layer_names, self_scores, mode = torch.zeros(scores.shape[0], 0), [], None, "stream"
+            extra.update(streamed_visits=int(streamed.visits.sum()), streamed_batches=dict(streamed.batches))
+        else:
+            scores, abs_sums, self_scores = self._candidate_pass(attributor, pq, step)
+            shares, layer_names = layer_shares(abs_sums), attributor.layer_names
+            mode = "all" if self.candidate_mode == "stream" else self.candidate_mode
+            candidate_indices = self.candidate_indices if self.candidate_indices is not None else torch.arange(scores.shape[1])
+            if candidate_indices.numel() != scores.shape[1]:
+                raise ValueError(f"candidate_indices has {candidate_indices.numel()} entries but {scores.shape[1]} "
+                                 "candidates were scored")
+        n = scores.shape[1]
+        if n == 0:
+            raise ValueError("No candidate was scored")
+        query_indices = self.query_indices if self.query_indices is not None else torch.arange(len(pq))
+        k = min(self.top_k, n)
+        helpful_scores, helpful_pos = scores.nan_to_num(float("-inf")).topk(k, dim=1)
+        harmful_scores, harmful_pos = scores.nan_to_num(float("inf")).topk(k, dim=1, largest=False)
+        return AttributionResult(
+            step=int(step), reason=reason, scores=scores, candidate_indices=candidate_indices.clone(),
+            query_indices=query_indices.clone(), measurements=pq.measurements.float().cpu(),
+            helpful_indices=candidate_indices[helpful_pos], helpful_scores=helpful_scores,
+            harmful_indices=candidate_indices[harmful_pos], harmful_scores=harmful_scores,
+            layer_names=layer_names, layer_shares=shares, candidate_mode=mode,
+            tail_exponents=torch.tensor([tail_exponent(scores[q]) for q in range(scores.shape[0])], dtype=torch.float32),
+            strategy=self.config.strategy, fisher=self.config.fisher, config=self.config.to_dict(),
+            duration_s=time.perf_counter() - started, self_scores=self_scores,
+            extra={"skipped_batches": self.skipped_batches, "optimizer_steps": self.tracker.optimizer_steps, **extra},
+            num_train=_sized(self.source.candidate_dataset),
+            measurement_name=str(getattr(self.task, "measurement_name", "loss")),
+        )
+
+    def _candidate_pass(self, attributor: Attributor, pq: PreconditionedQueries,
+                        step: int) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Score the candidate loader: scores ``[Q, N]``, per-layer Σ|score| ``[L, Q]`` and, when
+        ``self_influence``, self-influence ``[N]``."""
         total = _length(self.candidates, self.candidate_indices)
         bar = self._progress_bar(total, f"influence @ step {step}")
         abs_sums = None
@@ -324,26 +455,7 @@ class InfluenceSession:
             bar.close()
         if not parts:
             raise ValueError("The candidate loader yielded no batch")
-        scores = torch.cat(parts, dim=1)
-        n = scores.shape[1]
-        candidate_indices = self.candidate_indices if self.candidate_indices is not None else torch.arange(n)
-        if candidate_indices.numel() != n:
-            raise ValueError(f"candidate_indices has {candidate_indices.numel()} entries but {n} candidates were scored")
-        query_indices = self.query_indices if self.query_indices is not None else torch.arange(len(pq))
-        k = min(self.top_k, n)
-        helpful_scores, helpful_pos = scores.nan_to_num(float("-inf")).topk(k, dim=1)
-        harmful_scores, harmful_pos = scores.nan_to_num(float("inf")).topk(k, dim=1, largest=False)
-        return AttributionResult(
-            step=int(step), reason=reason, scores=scores, candidate_indices=candidate_indices.clone(),
-            query_indices=query_indices.clone(), measurements=pq.measurements.float().cpu(),
-            helpful_indices=candidate_indices[helpful_pos], helpful_scores=helpful_scores,
-            harmful_indices=candidate_indices[harmful_pos], harmful_scores=harmful_scores,
-            layer_names=attributor.layer_names, layer_shares=layer_shares(abs_sums),
-            tail_exponents=torch.tensor([tail_exponent(scores[q]) for q in range(scores.shape[0])], dtype=torch.float32),
-            strategy=self.config.strategy, fisher=self.config.fisher, config=self.config.to_dict(),
-            duration_s=time.perf_counter() - started, self_scores=self_scores,
-            extra={"skipped_batches": self.skipped_batches, "optimizer_steps": self.tracker.optimizer_steps},
-        )
+        return torch.cat(parts, dim=1), abs_sums, self_scores
 
     def _publish(self, result: AttributionResult) -> None:
         """Report and write the artifact (main process); failures warn, never raise (unless strict)."""
@@ -353,7 +465,7 @@ class InfluenceSession:
                     torch.inference_mode(False), torch.enable_grad():
                 action(result)
         self.log(f"infl_plugin: attribution at step {result.step} ({result.reason}) scored {result.num_candidates} "
-                 f"candidates against {result.num_queries} queries in {result.duration_s:.2f}s "
+                 f"candidates ({result.candidate_mode}) against {result.num_queries} queries in {result.duration_s:.2f}s "
                  f"(strategy={result.strategy}, fisher={result.fisher})")
 
     def _report(self, result: AttributionResult) -> None:
@@ -445,6 +557,14 @@ def _length(loader: Any, indices: Optional[torch.Tensor]) -> Optional[int]:
     if indices is not None:
         return int(indices.numel())
     dataset = getattr(loader, "dataset", None)
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:
+        return None
+
+
+def _sized(dataset: Any) -> Optional[int]:
+    """``len(dataset)`` (the N of the mean training loss when it is the training set), else ``None``."""
     try:
         return len(dataset) if dataset is not None else None
     except TypeError:

@@ -7,7 +7,8 @@ Per tracked layer (``a: [batch, tokens, d_in]``, ``g: [batch, tokens, d_out]``):
   gradient of a sequence sums over its tokens, so ``A ⊗ S`` has the scale of the Fisher);
 * ``L_sum = Σ_n (Q_Sᵀ DW_n Q_A)²`` ``[d_out, d_in]`` with ``DW_n = Σ_t g_{n,t} a_{n,t}ᵀ`` in the
   current eigenbasis (or the identity basis for the diagonal Fisher) → EK-FAC eigenvalues
-  ``L_sum / examples``.
+  ``L_sum / examples``. A layer applied several times in one forward (weight sharing,
+  recurrence) has ``DW_n = Σ_calls Σ_t g aᵀ``: its calls are joined before squaring.
 
 Captures first land in *pending* buffers; `commit` rescales them (hooks see gradients of a scaled
 mean loss, statistics want per-example gradients: ``S`` and ``L`` scale with the square), checks
@@ -21,6 +22,7 @@ memory, while Metric's gather-then-sum holds world_size × d² per factor during
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -62,6 +64,11 @@ class CurvatureStatistics:
         self.bases: Optional[dict[str, tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]] = None
         self._rotations: Optional[dict[str, tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]] = None
         self._pending: dict[str, LayerStatistics] = {}  # this micro-batch, unscaled
+        self._calls: dict[str, int] = {}  # captures per layer in the pending micro-batch
+        self._deferred: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # rotated (a, g) per call
+        self._seen: set[str] = set()  # layers whose calls per micro-batch have been counted once
+        self._shared: set[str] = set()  # layers called more than once in a micro-batch
+        self._broken_by: Optional[str] = None  # a layer found shared after its first call was squared
         self.skipped_batches = 0
 
     # ----------------------------------------------------------------------------- basis
@@ -80,13 +87,23 @@ class CurvatureStatistics:
 
     # ----------------------------------------------------------------------------- sink
     def __call__(self, capture: Capture) -> None:
-        """Hook sink: add one layer call's contribution to the pending buffers."""
+        """Hook sink: add one layer call's contribution to the pending buffers.
+
+        Covariances add up call by call. Eigenvalues need the example's gradient summed over all
+        calls of a layer (weight sharing, recurrence) before squaring: the rotated ``a``/``g`` of a
+        layer known to be called several times per micro-batch (or not yet observed) are kept and
+        joined along the token axis at `commit`; a layer seen called once is squared right away.
+        """
         name = capture.layer.name
         a = capture.a.to(self.dtype)
         g = capture.g.to(self.dtype)
         pending = self._pending.setdefault(name, LayerStatistics())
         if a.shape[0] == 0:
             return
+        calls = self._calls[name] = self._calls.get(name, 0) + 1
+        defer = name in self._shared or name not in self._seen  # decided before this call is counted
+        if calls > 1:
+            self._shared.add(name)
         pending.examples = max(pending.examples, a.shape[0])
         if self.covariances:
             a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
@@ -99,15 +116,53 @@ class CurvatureStatistics:
                 q_a = None if q_a is None else q_a.to(a.device)
                 q_s = None if q_s is None else q_s.to(a.device)
                 self._rotations[name] = (q_a, q_s)
-            pending.lambda_sum = _add(pending.lambda_sum, squared_rotated_gradients(a, g, q_a, q_s))
+            if defer:
+                self._defer(name, a if q_a is None else a @ q_a, g if q_s is None else g @ q_s)
+            elif calls == 1:
+                pending.lambda_sum = _add(pending.lambda_sum, squared_rotated_gradients(a, g, q_a, q_s))
+            else:
+                self._broken_by = name
+
+    def _defer(self, name: str, a: torch.Tensor, g: torch.Tensor) -> None:
+        """Keep one call's rotated ``a: [B, T, d_in]``, ``g: [B, T, d_out]`` until `commit`."""
+        calls = self._deferred.setdefault(name, [])
+        if calls and calls[0][0].shape[0] != a.shape[0]:
+            raise ValueError(
+                f"Layer {name!r} is applied several times in one forward pass with different batch sizes "
+                f"({calls[0][0].shape[0]} and {a.shape[0]}): its per-example gradient, summed over the calls, "
+                "is not defined; leave it out with InfluenceConfig.modules"
+            )
+        calls.append((a, g))
+
+    def _flush(self) -> None:
+        """Square the per-example gradients summed over each deferred layer's calls; note call counts."""
+        for name, calls in self._deferred.items():
+            a = torch.cat([c[0] for c in calls], dim=1)
+            g = torch.cat([c[1] for c in calls], dim=1)
+            pending = self._pending[name]
+            pending.lambda_sum = _add(pending.lambda_sum, squared_rotated_gradients(a, g, None, None))
+        self._deferred = {}
+        if self._broken_by is not None:
+            warnings.warn(
+                f"infl_plugin: layer {self._broken_by!r} was called more than once in a forward pass for the first "
+                "time; the eigenvalue statistics of this micro-batch are dropped (later ones sum its calls)",
+                stacklevel=3,
+            )
+            for pending in self._pending.values():
+                pending.lambda_sum = None
+        self._seen.update(self._calls)
+        self._calls, self._broken_by = {}, None
 
     # ----------------------------------------------------------------------------- commit
-    def commit(self, grad_scale: float = 1.0) -> bool:
+    def commit(self, grad_scale: float = 1.0, decay: float = 1.0) -> bool:
         """Move pending contributions into the totals; ``grad_scale`` divides the captured gradients.
 
-        Returns ``False`` (and drops them) when nothing was captured, when no real token was seen,
+        ``decay`` (in (0, 1]) first multiplies the totals, counts included (`decay_`), so that with
+        a decay on every commit the results are exponential moving averages. Returns ``False``
+        (and drops them, decaying nothing) when nothing was captured, when no real token was seen,
         or when any value is NaN/inf; `skipped_batches` counts the latter two.
         """
+        self._flush()
         pending, self._pending = self._pending, {}
         if not pending or all(p.examples == 0 for p in pending.values()):
             return False
@@ -120,6 +175,7 @@ class CurvatureStatistics:
             self.skipped_batches += 1
             return False
         square = 1.0 / float(grad_scale) ** 2
+        self.decay_(decay)
         for name, p in pending.items():
             totals = self.totals[name]
             if p.a_sum is not None:
@@ -132,9 +188,23 @@ class CurvatureStatistics:
                 totals.lambda_examples += p.examples
         return True
 
+    def decay_(self, factor: float) -> None:
+        """Multiply every total and its count by ``factor``: averages keep their meaning
+        (``A = A_sum / tokens``) while older contributions weigh ``factor`` less per call."""
+        if factor == 1.0:
+            return
+        for totals in self.totals.values():
+            for attr in ("a_sum", "s_sum", "lambda_sum"):
+                value = getattr(totals, attr)
+                if value is not None:
+                    value.mul_(factor)
+            totals.tokens *= factor
+            totals.examples *= factor
+            totals.lambda_examples *= factor
+
     def discard(self) -> None:
         """Drop pending contributions (e.g. of a training backward not meant for statistics)."""
-        self._pending = {}
+        self._pending, self._deferred, self._calls, self._broken_by = {}, {}, {}, None
 
     # ----------------------------------------------------------------------------- results
     def covariance(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +235,7 @@ class CurvatureStatistics:
                 stats.a_sum, stats.s_sum, stats.tokens, stats.examples = None, None, 0.0, 0.0
             if eigenvalues:
                 stats.lambda_sum, stats.lambda_examples = None, 0.0
-        self._pending = {}
+        self.discard()
 
     # ----------------------------------------------------------------------------- processes
     def all_reduce_(self) -> None:
@@ -198,6 +268,7 @@ class CurvatureStatistics:
         """A copy whose totals are summed over processes; this object is left as it is."""
         copy = CurvatureStatistics(list(self.layers.values()), self.covariances, self.dtype)
         copy.load_state_dict(self.state_dict())
+        copy._seen, copy._shared = set(self._seen), set(self._shared)  # which layers' calls to join
         copy.all_reduce_()
         return copy
 

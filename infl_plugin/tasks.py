@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import BatchFormatError
+
 IGNORE_INDEX = -100
 
 
@@ -61,6 +63,7 @@ class ClassificationTask(Task):
     """
 
     def _logits_and_labels(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        _require_pair_or_mapping(self, batch, "labels", "(inputs, labels)")
         if isinstance(batch, Mapping):
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             out = model(**inputs)
@@ -86,6 +89,7 @@ class RegressionTask(Task):
     """
 
     def loss(self, model, batch, sample=False, generator=None):
+        _require_pair_or_mapping(self, batch, None, "(inputs, targets)")
         pred = _full_precision(_logits(model(batch[0])))
         pred = pred.reshape(pred.shape[0], -1)
         if sample:
@@ -112,6 +116,11 @@ class CausalLMTask(Task):
 
     def shifted_labels(self, batch: Mapping) -> torch.Tensor:
         """Targets aligned with the logits: ``[batch, tokens]`` with ``-100`` where ignored."""
+        if not isinstance(batch, Mapping) or not isinstance(batch.get("input_ids"), torch.Tensor):
+            raise BatchFormatError(
+                f"{type(self).__name__} expects batches as mappings with an 'input_ids' tensor [batch, tokens] and "
+                f"optionally 'attention_mask' and 'labels'; got {_describe(batch)}"
+            )
         labels = batch.get("labels")
         labels = batch["input_ids"] if labels is None else labels
         mask = batch.get("attention_mask")
@@ -122,11 +131,12 @@ class CausalLMTask(Task):
         return shifted
 
     def loss(self, model, batch, sample=False, generator=None):
+        targets = self.shifted_labels(batch)
         inputs = {"input_ids": batch["input_ids"]}
         if batch.get("attention_mask") is not None:
             inputs["attention_mask"] = batch["attention_mask"]
         logits = _full_precision(_logits(model(**inputs)))
-        targets = self.shifted_labels(batch).to(logits.device)
+        targets = targets.to(logits.device)
         valid = targets != IGNORE_INDEX
         if sample:
             drawn = sample_categorical(logits.reshape(-1, logits.shape[-1]), generator).reshape(targets.shape)
@@ -138,6 +148,32 @@ class CausalLMTask(Task):
 
     def training_loss_scale(self, batch):
         return 1.0 / max(int((self.shifted_labels(batch) != IGNORE_INDEX).sum()), 1)
+
+
+def _require_pair_or_mapping(task: Task, batch: Any, key: Optional[str], pair: str) -> None:
+    """Raise `BatchFormatError` unless ``batch`` is a ``pair`` sequence, or (when ``key``) a mapping
+    holding ``key``; checked before the model sees the batch so the message names the layout."""
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        return
+    if key is not None and isinstance(batch, Mapping) and key in batch:
+        return
+    expected = f"{pair} pairs" + (f" or mappings with a {key!r} key (the other keys go to the model)" if key else "")
+    hint = ""
+    if isinstance(batch, Mapping) and key is not None:
+        near = [k for k in batch if isinstance(k, str) and k.rstrip("s") == key.rstrip("s")]
+        hint = f"; rename {near[0]!r} to {key!r}" if near else f"; keys present: {sorted(map(str, batch))}"
+    raise BatchFormatError(f"{type(task).__name__} expects batches as {expected}, got {_describe(batch)}{hint}")
+
+
+def _describe(batch: Any) -> str:
+    """A short description of a batch's layout for error messages."""
+    if isinstance(batch, torch.Tensor):
+        return f"a bare tensor of shape {list(batch.shape)}"
+    if isinstance(batch, Mapping):
+        return f"a mapping with keys {sorted(map(str, batch))}"
+    if isinstance(batch, (list, tuple)):
+        return f"a {type(batch).__name__} of {len(batch)} item(s)"
+    return f"a {type(batch).__name__}"
 
 
 def sample_categorical(logits: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:

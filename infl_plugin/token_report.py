@@ -29,10 +29,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .artifacts import AttributionResult
-from .reporting import TensorBoardReporter, TextRenderer
+from .reporting import TensorBoardReporter, TextRenderer, escape_markdown
 
 _SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~])")
 
 
 # ------------------------------------------------------------------------------------ tokens
@@ -54,11 +53,6 @@ def _visible(piece: str) -> str:
     """Newlines and tabs as visible glyphs, other control characters dropped."""
     piece = piece.replace("\r\n", "\n").replace("\n", "↵").replace("\t", "⇥")
     return "".join(ch for ch in piece if ch.isprintable() or ch == " ")
-
-
-def escape_markdown(text: str) -> str:
-    """Backslash-escape Markdown syntax so the text renders literally."""
-    return _MD_SPECIAL.sub(r"\\\1", text)
 
 
 def _format_score(value: float) -> str:
@@ -123,9 +117,9 @@ def mark_tokens_markdown(
         lines += ["| rank | token | position | score | share of sequence score |", "|---|---|---|---|---|"]
         for r, p in enumerate(positions, 1):
             share = float(scores[p]) / total if total != 0 else float("nan")
-            token = escape_markdown(_visible(tokens[p])).replace(" ", "␣") or "␣"
+            token = escape_markdown(_visible(tokens[p]).replace(" ", "␣")) or "␣"
             score = _format_score(float(scores[p]))
-            lines.append(f"| {r} | `{token.replace('`', '')}` | {p} | {score} | {share:.1%} |")
+            lines.append(f"| {r} | {token} | {p} | {score} | {share:.1%} |")
     return "\n".join(lines)
 
 
@@ -200,19 +194,30 @@ def layer_heatmap_figure(
     return fig
 
 
+def clip_token(token: str, max_chars: int) -> str:
+    """A token for a heatmap cell: visible glyphs without surrounding spaces (``␣`` for a space),
+    cut to ``max_chars`` with an ellipsis when longer."""
+    visible = _visible(token).strip(" ") or "␣"
+    return visible if len(visible) <= max_chars else visible[: max_chars - 1] + "…"
+
+
 def token_heatmap_figure(
     rows: Sequence[Sequence[str]],
     scores: Sequence[torch.Tensor],
     row_labels: Sequence[str],
     title: str = "",
-    width: int = 32,
+    width: int = 10,
+    max_chars: int = 7,
 ):
-    """Coloured token cells: one block per sequence, wrapped every ``width`` tokens.
+    """Coloured token cells: one block per sequence, wrapped every ``width`` tokens, with a colour bar.
 
     ``rows[i]`` are sequence i's tokens and ``scores[i]`` its per-token scores (``[tokens]``).
-    Colours are symmetric around 0 (red = helpful, blue = harmful), scaled per sequence.
+    Colours are symmetric around 0 and scaled per sequence (token score ÷ the sequence's largest
+    |token score|): red = helpful, blue = harmful. Tokens longer than ``max_chars`` end in "…".
+    Ten tokens per line keep the text legible at TensorBoard's default image width (~3.4 in).
     """
     import matplotlib
+    from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.patches import Rectangle
 
@@ -221,31 +226,38 @@ def token_heatmap_figure(
         values = values.detach().double().cpu().tolist()
         for start in range(0, max(len(tokens), 1), width):
             lines.append((i, list(tokens[start: start + width]), values[start: start + width]))
-    fig = _figure((min(0.42 * width + 1.5, 16), 0.6 + 0.28 * (len(lines) + len(rows))))
-    ax = fig.subplots()
+    cell_w, line_h, label_h, bar_h = 0.36, 0.2, 0.24, 0.75
+    content_h = line_h * len(lines) + label_h * len(rows) + (0.3 if title else 0.1)
+    fig_w, fig_h = cell_w * width + 0.2, content_h + bar_h
+    fig = _figure((fig_w, fig_h))
+    ax = fig.add_axes((0.1 / fig_w, bar_h / fig_h, cell_w * width / fig_w, (content_h - (0.3 if title else 0.1)) / fig_h))
     cmap = matplotlib.colormaps["RdBu_r"]
     y = 0.0
     previous = None
     limits = [_symmetric_limit(s.detach().double().cpu()) for s in scores]
     for i, tokens, values in lines:
         if i != previous:
-            y -= 1.0
-            ax.text(0, y + 0.5, row_labels[i], fontsize=7, fontweight="bold", va="center")
-            y -= 0.2
+            ax.text(0, y - label_h / line_h / 2, row_labels[i], fontsize=7, fontweight="bold", va="center")
+            y -= label_h / line_h
             previous = i
         norm = Normalize(vmin=-limits[i], vmax=limits[i])
         for j, (token, value) in enumerate(zip(tokens, values)):
             shade = float(norm(value))
-            ax.add_patch(Rectangle((j, y - 0.9), 1, 0.9, color=cmap(shade), linewidth=0))
-            ax.text(j + 0.5, y - 0.45, _visible(token)[:6], fontsize=5, ha="center", va="center", family="monospace",
-                    color="white" if abs(shade - 0.5) > 0.35 else "black")
+            ax.add_patch(Rectangle((j, y - 0.95), 1, 0.9, color=cmap(shade), linewidth=0))
+            ax.text(j + 0.5, y - 0.5, clip_token(token, max_chars), fontsize=6, ha="center", va="center",
+                    family="monospace", color="white" if abs(shade - 0.5) > 0.35 else "black")
         y -= 1.0
     ax.set_xlim(0, width)
-    ax.set_ylim(y - 0.1, 0.1)
+    ax.set_ylim(y, 0)
     ax.axis("off")
     if title:
-        ax.set_title(title, fontsize=8)
-    fig.tight_layout()
+        fig.text(0.1 / fig_w, 1 - 0.15 / fig_h, title, fontsize=7.5, va="center")
+    bar = fig.add_axes((0.15, 0.5 / fig_h, 0.7, 0.1 / fig_h))
+    colorbar = fig.colorbar(ScalarMappable(Normalize(-1, 1), cmap), cax=bar, orientation="horizontal")
+    colorbar.set_ticks([-1, 0, 1])
+    colorbar.ax.tick_params(labelsize=6)
+    colorbar.set_label("token score ÷ largest |token score| of its sequence\nblue = harmful · red = helpful",
+                       fontsize=6.5)
     return fig
 
 
@@ -445,4 +457,5 @@ __all__ = [
     "token_heatmap_figure",
     "token_views",
     "top_token_positions",
+    "clip_token",
 ]

@@ -10,34 +10,64 @@ EK-FAC needs an eigenbasis before it can accumulate corrected eigenvalues: `refr
 eigendecomposes the covariances seen so far and starts accumulating eigenvalues in that basis on
 the steps that follow. `factors` returns the current eigenbasis with those eigenvalues, or, when
 none have been accumulated yet, runs a bounded pass over a loader you give it.
+
+What the statistics weigh (`InfluenceConfig`): ``half_life`` turns the sums into exponential
+moving averages over optimizer steps (old parameters forgotten); ``statistics_fraction`` takes
+each statistics step's statistics on a random subset of its examples (`ExampleSubsample`);
+``min_statistics_steps`` keeps an eigenbasis until its eigenvalues rest on that many statistics
+steps, and `factors` warns about (or, given a loader, replaces) eigenvalues resting on fewer.
+With ``fisher="sampled"`` each visit of an example draws new pseudo-labels, so the draws per
+example grow with the epochs (``fisher_samples`` sets them for the post-hoc passes).
+
+Streaming attribution (``queries=`` or `set_queries`): the same training backward also scores
+every example of the micro-batch against the queries' preconditioned gradients (see
+`streaming`); `step` takes the examples' dataset indices, and `streamed_scores` returns each
+example's influence at the times it was trained on, summed over its visits. The queries are
+re-preconditioned every ``stream_refresh_every`` optimizer steps at the current parameters with
+the current factors: EK-FAC once `refresh_eigenbasis` has been called and eigenvalues have
+accumulated in that basis; before that K-FAC (the eigenvalues of the covariances so far, in their
+own eigenbasis); before any statistics exist, no curvature at all (plain gradient dot products).
+`StreamedScores.batches` says which of these scored how many micro-batches.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable, Optional
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from .attributor import Attributor
 from .config import InfluenceConfig
 from .factors import Factors, compute_factors, eigenbases
 from .fitting import accumulate, new_statistics
-from .hooks import LayerHooks
+from .hooks import LayerHooks, fan_out
 from .layers import select_layers
 from .passes import backward_pass, isolated
+from .statistics import CurvatureStatistics
+from .streaming import StreamedScores, StreamingScorer
+from .subsample import ExampleSubsample
 from .tasks import Task
 
 
 class InfluenceTracker:
     """Accumulates curvature statistics from the training loop; a context manager.
 
-    Call `step` once after each micro-batch's ``backward()``; ``optimizer_step=False`` marks
-    micro-batches that do not end an optimizer step (gradient accumulation), so that
-    ``update_every`` counts optimizer steps.
+    Call `step` once after each micro-batch's ``backward()`` (and after ``optimizer.step()``, so
+    that streaming queries refreshed there are at the parameters of the next backward);
+    ``optimizer_step=False`` marks micro-batches that do not end an optimizer step (gradient
+    accumulation), so that ``update_every`` and the ``stream_*`` intervals count optimizer steps.
+
+    Args:
+        queries: batches (a list, or a loader read once into a list) whose influence is streamed;
+            ``None`` (default) disables streaming (see `set_queries`).
     """
 
-    def __init__(self, model: nn.Module, task: Task, config: Optional[InfluenceConfig] = None) -> None:
+    def __init__(self, model: nn.Module, task: Task, config: Optional[InfluenceConfig] = None,
+                 queries: Optional[Iterable] = None) -> None:
         self.model = model
         self.task = task
         self.config = config or InfluenceConfig()
@@ -47,9 +77,21 @@ class InfluenceTracker:
         self._hook_error: Optional[str] = None
         self.statistics = None if self.config.strategy == "identity" else new_statistics(self.layers, self.config)
         self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.subsample = None
+        if self.statistics is not None and self.config.statistics_fraction < 1:
+            self.subsample = ExampleSubsample(self.statistics, self.config.statistics_fraction, self.config.seed)
         self.optimizer_steps = 0
         self.micro_batches = 0
         self.updates = 0
+        self._last_commit_step: Optional[int] = None  # optimizer step of the last committed statistics
+        self._basis_updates: Optional[int] = None  # `updates` when the current eigenbasis was set
+        self.scorer = StreamingScorer(self.layers, getattr(torch, self.config.accumulation_dtype))
+        self.failed_query_refreshes = 0
+        self._queries: Optional[list] = None
+        self._last_query_refresh = 0
+        self._dropped_warned = 0
+        if queries is not None:
+            self.set_queries(queries)
         self.attach()
 
     # ----------------------------------------------------------------------------- lifecycle
@@ -61,6 +103,7 @@ class InfluenceTracker:
     def close(self) -> None:
         """Remove every hook (also safe after an exception or a second call)."""
         self.hooks.close()
+        self.scorer.discard()
         if self.statistics is not None:
             self.statistics.discard()
 
@@ -82,16 +125,28 @@ class InfluenceTracker:
         """
         self.hooks.explicit_mask = self.task.token_mask(batch)
 
-    def step(self, batch: Any, grad_scale: Optional[float] = None, optimizer_step: bool = True) -> bool:
+    def step(self, batch: Any, grad_scale: Optional[Union[float, torch.Tensor]] = None, optimizer_step: bool = True,
+             indices: Optional[Union[torch.Tensor, Sequence[int]]] = None,
+             weight: Optional[Union[float, torch.Tensor]] = None, stream: bool = True) -> bool:
         """Commit what the last backward captured; returns whether statistics were updated.
 
         Args:
             batch: the micro-batch just backpropagated.
             grad_scale: the training loss divided by ``Σ_n loss_n`` (task losses). Default
                 ``task.training_loss_scale(batch)``; multiply it by ``1/accumulation_steps`` and by
-                the AMP loss scale when those apply.
+                the AMP loss scale when those apply. Read only when `needs_grad_scale` was true.
             optimizer_step: whether this micro-batch ends an optimizer step.
+            indices: dataset indices ``[B]`` of the micro-batch's examples; required on streaming
+                steps (`streaming`).
+            weight: this step's weight of the streamed scores (the learning rate with
+                ``stream_weight="lr"``, where it is required); default 1.
+            stream: ``False`` leaves this micro-batch out of the streamed scores (its dataset
+                indices are unknown); its statistics are committed as usual.
         """
+        if self.streaming and stream:
+            self._stream(batch, grad_scale, indices, weight)
+        else:
+            self.scorer.discard()
         updated = False
         if self._hook_error is not None and self.statistics is not None:
             self.statistics.discard()
@@ -102,7 +157,7 @@ class InfluenceTracker:
         elif self.statistics is not None and self._due():
             if self.config.fisher == "empirical":
                 scale = self.task.training_loss_scale(batch) if grad_scale is None else grad_scale
-                updated = self._commit(lambda: self.statistics.commit(scale))
+                updated = self._commit(lambda: self.statistics.commit(scale, self._decay()))
             elif self.updates % self.config.sample_every == 0:
                 self.statistics.discard()
                 updated = self._commit(lambda: self._sampled_update(batch))
@@ -110,11 +165,15 @@ class InfluenceTracker:
                 self.statistics.discard()
         elif self.statistics is not None:
             self.statistics.discard()
+        self._hook_error = None
         self.micro_batches += 1
         if optimizer_step:
             self.updates += int(self._due() and self.statistics is not None)
             self.optimizer_steps += 1
+            self._maybe_refresh_queries()
         self.hooks.explicit_mask = None
+        if self.subsample is not None:
+            self.subsample.next_step()
         self._arm()
         return updated
 
@@ -132,18 +191,191 @@ class InfluenceTracker:
         working it out (a device sync, for token counts or the AMP scale) on all others."""
         return self.statistics is not None and self.config.fisher == "empirical" and self._due()
 
+    @property
+    def streaming(self) -> bool:
+        """Whether the training backward in flight is scored against the streaming queries."""
+        return self._queries is not None and self.optimizer_steps % self.config.stream_every == 0
+
+    @property
+    def needs_grad_scale(self) -> bool:
+        """Whether `step` reads ``grad_scale`` for the micro-batch in flight (statistics or
+        streaming): callers compute the scale (a device sync) only when this is true."""
+        return self.capturing or self.streaming
+
     def _arm(self) -> None:
-        """Let hooks feed the statistics during the next training backward only when it is used."""
-        self.hooks.sink = self.statistics if self.capturing else None
+        """Route the next training backward's captures to the statistics and/or the streaming
+        scorer, each only on the steps it is due (no hook work at all on other steps)."""
+        statistics = self.subsample or self.statistics
+        self.hooks.sink = fan_out(*[s for s, due in ((statistics, self.capturing), (self.scorer, self.streaming)) if due])
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Keep the training sink (statistics and streaming) out of the forwards and backwards run
+        inside the block (extra passes: query refreshes, checkpoint scoring); restored on exit."""
+        hooks = self.hooks
+        sink, mask = hooks.sink, hooks.explicit_mask
+        hooks.sink, hooks.explicit_mask = None, None
+        try:
+            yield
+        finally:
+            hooks.sink, hooks.explicit_mask = sink, mask
+
+    # ----------------------------------------------------------------------------- streaming
+    def set_queries(self, queries: Optional[Iterable]) -> None:
+        """Stream the influence of training examples on ``queries`` (``None`` stops streaming).
+
+        ``queries`` is read once into a list (a shuffling loader would otherwise reorder the
+        queries between refreshes) and preconditioned now with the current factors (a collective
+        when distributed). Streamed scores so far are reset.
+        """
+        self.scorer.reset()
+        if queries is None:
+            self._queries = None
+            self.scorer.set_queries(None)
+        else:
+            batches = list(queries)
+            if not batches:
+                raise ValueError("The query loader yielded no batch")
+            self._queries = batches
+            self.refresh_queries()
+        self._arm()
+
+    def refresh_queries(self, factors: Optional[Factors] = None) -> str:
+        """Re-differentiate and precondition the streaming queries at the current parameters.
+
+        ``factors`` default to the tracker's own (see the module docstring; a collective when
+        distributed: every rank calls this at the same step). The query pass is isolated: eval
+        mode, forked RNG, training sink paused, no parameter ``.grad`` touched. Returns the
+        preconditioning used (``"ekfac"``, ``"kfac"``, ``"diagonal"`` or ``"identity"``).
+        """
+        if self._queries is None:
+            raise RuntimeError("No streaming queries: call set_queries(...) first")
+        used = factors.strategy if factors is not None else None
+        if factors is None:
+            factors, used = self._streaming_factors()
+        with warnings.catch_warnings():  # layer selection warnings were given by the tracker already
+            warnings.simplefilter("ignore")
+            attributor = Attributor(self.model, self.task, factors, replace(self.config, strategy=used))
+        with self.paused(), torch.inference_mode(False), torch.enable_grad():
+            queries = attributor.precondition(self._queries)
+        self.scorer.set_queries(queries, used)
+        self._last_query_refresh = self.optimizer_steps
+        return used
+
+    def _ready(self) -> str:
+        """The preconditioning the statistics allow now: the configured strategy once its factors
+        exist (EK-FAC: an eigenbasis with eigenvalues from ``max(1, min_statistics_steps)``
+        statistics steps), else ``"identity"``. Read from counters equal on every process, so the
+        collectives it leads to are entered by all of them."""
+        strategy = self.config.strategy
+        if self.statistics is None or strategy == "identity":
+            return "identity"
+        if strategy == "ekfac":
+            enough = self.eigenvalue_steps >= max(1, self.config.min_statistics_steps)
+            return "ekfac" if self.statistics.bases is not None and enough else "identity"
+        return strategy if self.updates > 0 else "identity"
+
+    def _streaming_factors(self) -> tuple[Factors, str]:
+        """Factors for `_ready`'s strategy from the statistics summed over processes (identity when
+        the sums lack them, e.g. every batch so far was skipped)."""
+        used = self._ready()
+        if used != "identity":
+            reduced = self.statistics.reduced()
+            complete = reduced.has_covariances if used == "kfac" else reduced.has_eigenvalues
+            if complete:
+                return compute_factors(reduced, self.layers, replace(self.config, strategy=used)), used
+            used = "identity"
+        return compute_factors(None, self.layers, replace(self.config, strategy=used)), used
+
+    def _maybe_refresh_queries(self) -> None:
+        """After an optimizer step, when the next step streams: refresh the queries every
+        ``stream_refresh_every`` steps, and at once when better factors than the queries' became
+        available (never downgrading preconditioned queries to identity while the eigenvalues of a
+        new eigenbasis accumulate). With EK-FAC and no eigenbasis yet, the first due refresh
+        eigendecomposes the covariances so far (`refresh_eigenbasis`) so that EK-FAC eigenvalues
+        start accumulating without waiting for an attribution."""
+        every = self.config.stream_refresh_every
+        if self._queries is None or every is None or not self.streaming:
+            return
+        interval = self.optimizer_steps - self._last_query_refresh >= every
+        try:
+            if interval and self.config.strategy == "ekfac" and self.statistics.bases is None and self.updates > 0:
+                self.refresh_eigenbasis()
+            ready, current = self._ready(), self.scorer.preconditioning
+            if ready == "identity" and current != "identity":
+                return
+            if interval or (current == "identity" and ready != "identity"):
+                self.refresh_queries()
+        except Exception as error:  # noqa: BLE001 - a side task must never break training
+            self.failed_query_refreshes += 1
+            self._last_query_refresh = self.optimizer_steps
+            warnings.warn(f"infl_plugin: refreshing the streaming queries at optimizer step {self.optimizer_steps} "
+                          f"failed ({type(error).__name__}: {error}); scoring against the previous ones", stacklevel=3)
+
+    def _stream(self, batch: Any, grad_scale, indices, weight) -> None:
+        """Commit the micro-batch's streamed scores (or skip them after a failed capture)."""
+        if self._hook_error is not None:
+            self.scorer.discard()
+            self.scorer.skipped_batches += 1
+            warnings.warn(f"infl_plugin: skipped the streamed scores of micro-batch {self.micro_batches}: "
+                          f"{self._hook_error}", stacklevel=3)
+            return
+        if indices is None:
+            self.scorer.discard()
+            raise ValueError("InfluenceTracker.step(indices=...) is required while streaming: the dataset indices "
+                             "of the micro-batch's examples")
+        if weight is None:
+            if self.config.stream_weight == "lr":
+                self.scorer.discard()
+                raise ValueError('InfluenceConfig.stream_weight="lr": pass the learning rate as step(weight=...)')
+            weight = 1.0
+        scale = self.task.training_loss_scale(batch) if grad_scale is None else grad_scale
+        self.scorer.commit(indices, scale, weight)
+
+    def streamed_scores(self) -> StreamedScores:
+        """Scores streamed since the last `reset_stream` (or `set_queries`).
+
+        When distributed this is a collective (call it on every rank): each process scored its
+        own examples, and every rank receives the merge of all of them.
+        """
+        dropped = self.scorer.dropped_examples
+        if dropped > self._dropped_warned:
+            warnings.warn(f"infl_plugin: {dropped - self._dropped_warned} streamed example scores were NaN/inf and "
+                          "were dropped", stacklevel=2)
+            self._dropped_warned = dropped
+        return self.scorer.result().gather()
+
+    def reset_stream(self) -> None:
+        """Forget the streamed scores (the queries stay)."""
+        self.scorer.reset()
+        self._dropped_warned = 0
 
     def _sampled_update(self, batch: Any) -> bool:
         with isolated(self.model):
-            backward_pass(self.model, self.task, self.hooks, batch, self.statistics, sample=True, generator=self.generator)
-        return self.statistics.commit(1.0)
+            backward_pass(self.model, self.task, self.hooks, batch, self.subsample or self.statistics, sample=True,
+                          generator=self.generator)
+        return self.statistics.commit(1.0, self._decay())
+
+    def _decay(self) -> float:
+        """``0.5 ** (optimizer steps since the last commit / half_life)`` (1 without a half-life)."""
+        if self.config.half_life is None or self._last_commit_step is None:
+            return 1.0
+        return 0.5 ** ((self.optimizer_steps - self._last_commit_step) / self.config.half_life)
+
+    @property
+    def eigenvalue_steps(self) -> int:
+        """Statistics steps since the eigenbasis was last set (0 without one); the same on every
+        process, so decisions taken on it before a collective agree."""
+        if self._basis_updates is None:
+            return 0
+        steps = self.updates - self._basis_updates
+        return steps if self.config.fisher == "empirical" else -(-steps // self.config.sample_every)
 
     def _commit(self, commit) -> bool:
         skipped = self.statistics.skipped_batches
         ok = bool(commit())
+        if ok:
+            self._last_commit_step = self.optimizer_steps
         if self.statistics.skipped_batches > skipped:
             warnings.warn(
                 f"infl_plugin: skipped the statistics of micro-batch {self.micro_batches} (NaN/inf gradients or no "
@@ -153,22 +385,45 @@ class InfluenceTracker:
         return ok
 
     # ----------------------------------------------------------------------------- factors
-    def refresh_eigenbasis(self) -> None:
-        """EK-FAC: eigendecompose the covariances so far; eigenvalues accumulate in the new basis."""
+    def refresh_eigenbasis(self, reduced: Optional[CurvatureStatistics] = None) -> None:
+        """EK-FAC: eigendecompose the covariances so far; eigenvalues accumulate in the new basis.
+
+        ``reduced``: the statistics already summed over processes (`CurvatureStatistics.reduced`)
+        when the caller holds them; otherwise they are reduced here (a collective: every rank).
+        While the current eigenvalues rest on fewer than ``config.min_statistics_steps`` statistics
+        steps, the basis is kept and they go on accumulating in it.
+        """
         if self.config.strategy != "ekfac":
             return
-        self.statistics.set_basis(eigenbases(self.statistics.reduced()))
+        if self._basis_updates is not None and self.eigenvalue_steps < self.config.min_statistics_steps:
+            return
+        self.statistics.set_basis(eigenbases(reduced if reduced is not None else self.statistics.reduced()))
+        self._basis_updates = self.updates
 
-    def factors(self, loader: Optional[Iterable] = None) -> Factors:
+    def factors(self, loader: Optional[Iterable] = None, reduced: Optional[CurvatureStatistics] = None) -> Factors:
         """Factors from the statistics so far (summed over processes when distributed).
 
         EK-FAC uses the eigenvalues accumulated since the last `refresh_eigenbasis`; when there are
         none, ``loader`` is read (at most ``config.max_fit_batches`` batches) in a fresh eigenbasis.
+        Eigenvalues resting on fewer than ``config.min_statistics_steps`` statistics steps are
+        warned about and, given a ``loader``, replaced by that bounded pass.
+        ``reduced``: statistics already summed over processes, used (and, for that pass, updated)
+        in place of a new reduction, so a caller can take every decision after one collective.
         """
         if self.statistics is None:
             return compute_factors(None, self.layers, self.config)
-        statistics = self.statistics.reduced()
-        if self.config.strategy == "ekfac" and not (statistics.bases is not None and statistics.has_eigenvalues):
+        statistics = reduced if reduced is not None else self.statistics.reduced()
+        tracked = statistics.bases is not None and statistics.has_eigenvalues
+        few = tracked and self.eigenvalue_steps < self.config.min_statistics_steps
+        if self.config.strategy == "ekfac" and few:
+            warnings.warn(
+                f"infl_plugin: the EK-FAC eigenvalues rest on {self.eigenvalue_steps} statistics step(s), fewer than "
+                f"InfluenceConfig.min_statistics_steps={self.config.min_statistics_steps}; "
+                + ("running the bounded eigenvalue pass over the candidates instead" if loader is not None else
+                   "attribute less often or lower update_every for better factors"),
+                stacklevel=2,
+            )
+        if self.config.strategy == "ekfac" and (not tracked or (few and loader is not None)):
             if loader is None:
                 raise RuntimeError(
                     "EK-FAC eigenvalues have not been accumulated yet: call refresh_eigenbasis() and keep "
@@ -189,6 +444,11 @@ class InfluenceTracker:
             "updates": self.updates,
             "generator": self.generator.get_state(),
             "config": self.config.to_dict(),
+            "last_commit_step": self._last_commit_step,
+            "basis_updates": self._basis_updates,
+            "subsample": None if self.subsample is None else self.subsample.state_dict(),
+            "stream": self.scorer.state_dict(),
+            "last_query_refresh": self._last_query_refresh,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -200,4 +460,11 @@ class InfluenceTracker:
         self.micro_batches = int(state["micro_batches"])
         self.updates = int(state["updates"])
         self.generator.set_state(state["generator"])
+        self._last_commit_step = state.get("last_commit_step")
+        self._basis_updates = state.get("basis_updates")
+        if self.subsample is not None and state.get("subsample") is not None:
+            self.subsample.load_state_dict(state["subsample"])
+        if state.get("stream") is not None:
+            self.scorer.load_state_dict(state["stream"])
+            self._last_query_refresh = int(state["last_query_refresh"])
         self._arm()

@@ -4,34 +4,44 @@
                       callbacks=[InfluenceTrainerCallback(queries=query_examples)])
 
 The callback only translates Trainer events into calls on an `InfluenceSession` (which owns the
-tracker, the attribution schedule, the `TensorBoardReporter` and the artifacts):
+tracker, the attribution schedule, the `TensorBoardReporter` and the artifacts). It reads public
+surfaces only: the events' ``args`` / ``state`` and their ``model``, ``processing_class`` and
+``train_dataloader`` keywords, plus module hooks on the model. It never needs the ``Trainer`` object.
 
 * ``on_train_begin``: the session is built on the unwrapped model (its layer hooks go on), a
   forward pre-hook (``with_kwargs=True``) and a forward hook go on the model to see each training
   micro-batch's keyword inputs (``input_ids``, ``attention_mask`` so padding is excluded,
-  ``labels``, ``num_items_in_batch``), a ``SummaryWriter`` is opened in the run's logging
-  directory, and a resumed run's influence state is read from its ``checkpoint-N/``.
-* ``on_substep_end`` (non-final micro-batches) and ``on_pre_optimizer_step`` (the final one, before
-  the AMP scaler updates): the micro-batch's statistics are committed with ``grad_scale`` = the
-  loss the Trainer backpropagated divided by ``Σ_n task_loss_n`` (see `TrainerLossScale`).
+  ``labels``, ``num_items_in_batch``) and the loss it returns, a ``SummaryWriter`` is opened in the
+  run's logging directory, and a resumed run's influence state is read from its ``checkpoint-N/``.
+* ``on_substep_end`` (non-final micro-batches) and ``on_pre_optimizer_step`` (the final one): the
+  micro-batch's statistics are committed with ``grad_scale = model_scale × loss_factor`` (see
+  `TrainerLossScale`): ``loss_factor`` is the gradient that reached the model's returned loss in
+  the training backward, so whatever the Trainer did to it (``1 / gradient_accumulation_steps``,
+  the AMP ``GradScaler`` scale, a factor for tokens averaged across devices) is measured, not
+  assumed.
 * ``on_step_end`` (every ``every_n_steps``), ``on_save``, ``on_evaluate`` (optional),
   ``on_train_end``: attribution, reported to TensorBoard with token- and layer-level views
   (`TokenReporter`) and written as artifacts; ``on_save`` also writes the session state into
-  ``checkpoint-N/`` (safetensors + JSON, main process only).
-* Hooks come off at ``on_train_end`` and when an exception leaves the training loop.
+  ``checkpoint-N/`` (safetensors + JSON, written atomically, main process only).
 
-Training is never changed: statistics come from the training backward itself, attribution runs in
-eval mode with forked RNGs and never touches ``.grad``, and a failing micro-batch or attribution
-only warns.
+Hooks come off at ``on_train_end`` and with `InfluenceTrainerCallback.close`. No Trainer event
+reports an exception, so after a crashed ``trainer.train()`` the hooks stay on the model until
+``callback.close()`` or the next ``on_train_begin``; they are harmless meanwhile: at most
+``MAX_PENDING`` recorded micro-batches are kept, and statistics are never committed outside a
+Trainer step. Training is never changed: statistics come from the training backward itself,
+attribution runs in eval mode with forked RNGs and never touches ``.grad``, and a failing
+micro-batch or attribution only warns.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
+import tempfile
 import warnings
+from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
@@ -41,12 +51,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback
 
+from infl_plugin.candidates import DEFAULT_CANDIDATES, check_candidates, dataset_documents, select_candidates
 from infl_plugin.config import InfluenceConfig
-from infl_plugin.session import InfluenceSession, make_loader, spaced_indices
+from infl_plugin.errors import ConfigurationError, StateFileError
+from infl_plugin.indices import BatchIndexRecorder
+from infl_plugin.session import InfluenceSession, make_loader
 from infl_plugin.tasks import IGNORE_INDEX, CausalLMTask, ClassificationTask, Task
 from infl_plugin.token_report import TokenReporter
 
 STATE_FILE = "influence_state"  # checkpoint-N/influence_state.safetensors + .json
+MAX_PENDING = 4  # recorded micro-batches kept between commits (1 inside the Trainer's loop)
 
 
 # --------------------------------------------------------------------------------- micro-batches
@@ -55,19 +69,22 @@ class MicroBatch:
     """One training forward as the model saw it.
 
     ``batch``: the tensor keyword inputs (``input_ids``, ``attention_mask``, ``labels``, …);
-    ``num_items``: the ``num_items_in_batch`` the Trainer passed, if any; ``model_scale``: the
-    model's returned loss divided by ``Σ_n task_loss_n`` (set by the forward hook).
+    ``num_items``: the ``num_items_in_batch`` the Trainer passed (a number or a 0-dim tensor), if
+    any; ``model_scale``: the model's returned loss divided by ``Σ_n task_loss_n`` (set by the
+    forward hook); ``loss_grad``: the gradient that reached that loss in the backward (0-dim).
     """
 
     batch: dict[str, torch.Tensor]
-    num_items: Optional[float]
+    num_items: Any = None
     model_scale: Optional[float] = None
+    loss_grad: Optional[torch.Tensor] = None
+    measured: bool = False
 
 
 class TrainerLossScale:
-    """How the loss a Trainer backpropagates relates to the task's per-example losses.
+    """How the gradients a Trainer backpropagates relate to the task's per-example losses.
 
-    ``grad_scale = model_scale × trainer_factor``, where
+    ``grad_scale = model_scale × loss_factor``, where
 
     * ``model_scale`` = model loss / ``Σ_n task_loss_n``: ``1 / num_items_in_batch`` when the model
       normalises its summed loss by it (Hugging Face causal LMs when the Trainer passes it), else
@@ -75,10 +92,10 @@ class TrainerLossScale:
       measured once, on the first micro-batch where they differ, by comparing its returned loss with
       the task's summed loss computed from the returned logits (a BERT classifier accepts the
       keyword and ignores it, for instance);
-    * ``trainer_factor`` = ``1 / current_gradient_accumulation_steps`` unless the Trainer treats
-      the loss as already scaled for accumulation (``num_items_in_batch`` passed, a
-      ``compute_loss_func``, or ``loss_is_scaled_for_ga``), × the process count when tokens are
-      averaged across devices, × the AMP ``GradScaler`` scale (fp16).
+    * ``loss_factor`` = d(backpropagated objective) / d(model loss), read by a tensor hook on the
+      returned loss: ``1 / gradient_accumulation_steps`` when the Trainer divides, × the AMP
+      ``GradScaler`` scale, × the process count when tokens are averaged across devices, whatever
+      the Trainer version does.
     """
 
     def __init__(self, task: Task) -> None:
@@ -88,58 +105,56 @@ class TrainerLossScale:
 
     def measure(self, micro: MicroBatch, output: Any) -> None:
         """Set ``micro.model_scale`` from the model's output (forward hook; no graph is built)."""
+        micro.measured = True
         mean = self.task.training_loss_scale(micro.batch)
         if micro.num_items is None:
             micro.model_scale = mean
             return
-        items = 1.0 / micro.num_items if micro.num_items > 0 else math.inf
+        num_items = float(micro.num_items)
+        items = 1.0 / num_items if num_items > 0 else math.inf
         if math.isclose(items, mean, rel_tol=1e-9) or self.mode is not None:
             micro.model_scale = items if self.mode in (None, "num_items") else mean
             return
-        loss = getattr(output, "loss", None)
+        loss = model_loss(output)
         total = summed_task_loss(self.task, output, micro.batch)
         if loss is None or total is None or not total > 0:
-            self._warn("unmeasured", "infl_plugin: cannot compare the model's loss with the task's losses (no loss "
-                       "or logits in the output, or an unsupported task); assuming loss = Σ losses / "
-                       "num_items_in_batch")
+            self.warn("unmeasured", "infl_plugin: cannot compare the model's loss with the task's losses (no loss "
+                      "or logits in the output, or an unsupported task); assuming loss = Σ losses / "
+                      "num_items_in_batch")
             micro.model_scale = items
             return
-        ratio = float(loss.detach()) / total
+        ratio = float(loss.detach().float().mean()) / total
         for mode, value in (("num_items", items), ("mean", mean)):
             if math.isclose(ratio, value, rel_tol=1e-3):
                 self.mode, micro.model_scale = mode, value
                 return
-        self._warn("mismatch", f"infl_plugin: the model's loss is neither the mean nor the num_items_in_batch-"
-                   f"normalised sum of the task's per-example losses (ratio {ratio:.4g}, expected {items:.4g} or "
-                   f"{mean:.4g}); is the task right (labels, padding set to -100)? Using the measured ratio.")
+        self.warn("mismatch", f"infl_plugin: the model's loss is neither the mean nor the num_items_in_batch-"
+                  f"normalised sum of the task's per-example losses (ratio {ratio:.4g}, expected {items:.4g} or "
+                  f"{mean:.4g}); is the task right (labels, padding set to -100)? Using the measured ratio.")
         micro.model_scale = ratio
 
-    def grad_scale(self, micro: MicroBatch, args: Any, trainer: Any = None, optimizer: Any = None) -> float:
-        """``training_loss / Σ_n task_loss_n`` for a micro-batch whose backward just ran."""
+    def grad_scale(self, micro: MicroBatch, args: Any) -> float:
+        """``d(backpropagated objective) / d(Σ_n task_loss_n)`` for a micro-batch whose backward just ran."""
         model_scale = micro.model_scale if micro.model_scale is not None else self.task.training_loss_scale(micro.batch)
-        passed = micro.num_items is not None
-        if trainer is not None:
-            explicit = getattr(trainer, "loss_is_scaled_for_ga", None)
-            custom = getattr(trainer, "compute_loss_func", None) is not None
-            scaled = explicit if explicit is not None else passed or custom
-            steps = getattr(trainer, "current_gradient_accumulation_steps", None) or args.gradient_accumulation_steps
-        else:
-            scaled, steps = passed, args.gradient_accumulation_steps
-        factor = 1.0 if scaled else 1.0 / steps
-        if passed and getattr(args, "average_tokens_across_devices", False) and args.world_size > 1:
-            if trainer is not None:
-                factor *= trainer.accelerator.num_processes // trainer.get_tp_size()
-            else:
-                factor *= args.world_size
-        scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None) or getattr(optimizer, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            factor *= float(scaler.get_scale())
-        return model_scale * factor
+        if micro.loss_grad is None:
+            self.warn("no-loss-grad", "infl_plugin: the training backward did not pass through the loss the model "
+                      "returned (no loss in the output: label smoothing or a compute_loss_func; or a custom "
+                      "compute_loss); assuming the loss is divided by gradient_accumulation_steps and not scaled "
+                      "by AMP")
+            return model_scale / args.gradient_accumulation_steps
+        return model_scale * float(micro.loss_grad.float().sum())
 
-    def _warn(self, key: str, message: str) -> None:
+    def warn(self, key: str, message: str) -> None:
+        """Warn once per ``key``."""
         if key not in self.warned:
             self.warned.add(key)
             warnings.warn(message, stacklevel=3)
+
+
+def model_loss(output: Any) -> Optional[torch.Tensor]:
+    """The loss a model returned (``output["loss"]`` of a ``ModelOutput`` or dict), else ``None``."""
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    return loss if isinstance(loss, torch.Tensor) else None
 
 
 def summed_task_loss(task: Task, output: Any, batch: dict[str, torch.Tensor]) -> Optional[float]:
@@ -159,37 +174,45 @@ def summed_task_loss(task: Task, output: Any, batch: dict[str, torch.Tensor]) ->
 
 
 class TrainingInputs:
-    """Hooks on the Trainer's model that record each training micro-batch's keyword inputs.
+    """Hooks on the Trainer's model that record each training micro-batch's inputs and loss gradient.
 
     Only forwards in training mode with gradients enabled are recorded (evaluation and the
     session's own eval-mode passes are not); a gradient-checkpointing recomputation never reruns
-    the root module, so each micro-batch is recorded once.
+    the root module, so each micro-batch is recorded once. At most ``MAX_PENDING`` micro-batches
+    wait for a commit, and every hook does nothing once `close` ran.
     """
 
     def __init__(self, model: nn.Module, scale: TrainerLossScale, capturing: Callable[[], bool]) -> None:
         self.model = model
         self.scale = scale
         self.capturing = capturing  # the loss scale is measured only for micro-batches that feed the statistics
-        self.pending: list[MicroBatch] = []
+        self.pending: deque[MicroBatch] = deque(maxlen=MAX_PENDING)
+        self.active = False
         self._handles: list[Any] = []
 
     def attach(self) -> None:
+        """Hooks on (idempotent)."""
         if not self._handles:
             self._handles = [self.model.register_forward_pre_hook(self._before, with_kwargs=True),
                              self.model.register_forward_hook(self._after, with_kwargs=True)]
+        self.active = True
 
     def close(self) -> None:
+        """Hooks off, pending micro-batches dropped; tensor hooks already on a loss become no-ops."""
+        self.active = False
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self.pending = []
+        self.pending.clear()
 
     def pop(self) -> list[MicroBatch]:
-        pending, self.pending = self.pending, []
+        """The micro-batches recorded since the last call, oldest first."""
+        pending = list(self.pending)
+        self.pending.clear()
         return pending
 
     def _recording(self, module: nn.Module) -> bool:
-        return module.training and torch.is_grad_enabled()
+        return self.active and module.training and torch.is_grad_enabled()
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self._recording(module):
@@ -198,17 +221,28 @@ class TrainingInputs:
             batch = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k != "num_items_in_batch"}
             if args and isinstance(args[0], torch.Tensor) and "input_ids" not in batch:
                 batch["input_ids"] = args[0]
-            num_items = kwargs.get("num_items_in_batch")
-            self.pending.append(MicroBatch(batch, None if num_items is None else float(num_items)))
+            self.pending.append(MicroBatch(batch, kwargs.get("num_items_in_batch")))
         except Exception as error:  # never break training
-            self.scale._warn("record", f"infl_plugin: could not record a training batch: {error}")
+            self.scale.warn("record", f"infl_plugin: could not record a training batch: {error}")
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self._recording(module) and self.pending and self.pending[-1].model_scale is None and self.capturing():
-            try:
-                self.scale.measure(self.pending[-1], output)
-            except Exception as error:  # never break training
-                self.scale._warn("measure", f"infl_plugin: could not measure the loss scale: {error}")
+        if not (self._recording(module) and self.pending and not self.pending[-1].measured and self.capturing()):
+            return
+        micro = self.pending[-1]
+        try:
+            self.scale.measure(micro, output)
+            loss = model_loss(output)
+            if loss is not None and loss.requires_grad:
+                loss.register_hook(self._loss_hook(micro))
+        except Exception as error:  # never break training
+            self.scale.warn("measure", f"infl_plugin: could not measure the loss scale: {error}")
+
+    def _loss_hook(self, micro: MicroBatch) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:  # returns None: the gradient itself is untouched
+            if self.active:
+                micro.loss_grad = grad.detach()
+
+        return hook
 
 
 # --------------------------------------------------------------------------------- the callback
@@ -222,25 +256,39 @@ class InfluenceTrainerCallback(TrainerCallback):
         config: `InfluenceConfig` (or a dict of its fields).
         task: how per-example losses are computed; default from the model class (``*ForCausalLM``
             / LM-head models → `CausalLMTask`, ``*ForSequenceClassification`` → `ClassificationTask`).
-        candidates: the training examples to score (indexable); default the training loader's
-            dataset (the Trainer's ``train_dataset``), in dataset order.
-        max_candidates: score this many evenly spaced candidates (``None``: all).
+        candidates: what an attribution scores (see `infl_plugin.candidates`): ``"stream"``
+            (default: the training examples seen since the previous attribution, with the scores
+            streamed from their training backward, no candidate pass; ``"all"`` until streamed
+            scores exist), ``"all"`` (a pass over the training loader's dataset, in dataset
+            order), ``"tfidf"`` (each query's ``num_candidates`` nearest training examples by
+            TF-IDF of their text, decoded with ``processing_class`` when given), ``"random"`` (a
+            fixed seeded subset of ``num_candidates``), or indexable examples to score in full.
+            The dataset indices of training batches are read from the training loader's batch
+            sampler (`infl_plugin.indices.BatchIndexRecorder`); the first epoch of a resumed run
+            is not streamed (it skips batches the recorder cannot see).
+        num_candidates: ``"tfidf"``: candidates per query; ``"random"``: subset size; ``"all"`` and
+            the ``"stream"`` fallback: score at most this many evenly spaced examples (``None``: all).
+        max_candidates: deprecated name of ``num_candidates``.
         collate_fn: batches query/candidate examples; default the training loader's (the Trainer's
             ``data_collator`` after its removal of unused dataset columns).
         batch_size: batch size of the attribution passes (default ``per_device_eval_batch_size``).
         every_n_steps: also attribute every n optimizer steps.
-        on_save / on_evaluate / at_train_end: attribute at checkpoint saves / evaluations / the end.
+        on_save / on_evaluate / at_train_end: attribute at checkpoint saves / evaluations / the end
+            (kept as ``attribute_on_save`` / ``attribute_on_evaluate`` / ``attribute_at_train_end``);
+            ``on_save=None`` (default) attributes at saves only when ``every_n_steps`` is ``None``.
         top_k: helpful and harmful examples kept per query.
         token_sequences: top sequences per query shown with their tokens marked (0: none).
         top_tokens: tokens marked per sequence.
         self_influence: also compute every candidate's self-influence.
-        writer: a ``SummaryWriter`` to log to; default one opened in the run's logging directory
-            (see `tensorboard_logdir`: next to the Trainer's own TensorBoard events when it writes any).
+        writer: a ``SummaryWriter`` to log to; default one opened in `tensorboard_logdir`.
         logdir: where artifacts (and the default writer) go, overriding the above.
         resume_from: a checkpoint directory to restore the influence state from; by default a
             resumed run (``global_step > 0``) reads ``args.resume_from_checkpoint`` or
-            ``output_dir/checkpoint-{global_step}``.
-        strict: raise statistics and attribution errors instead of warning.
+            ``output_dir/checkpoint-{global_step}``. A missing or damaged state warns and
+            statistics restart from zero (``strict``: a damaged one raises `StateFileError`).
+        strict: raise statistics, attribution and checkpoint-state errors instead of warning.
+
+    Invalid arguments raise `ConfigurationError` (a ``ValueError``) naming the argument.
     """
 
     def __init__(
@@ -249,12 +297,13 @@ class InfluenceTrainerCallback(TrainerCallback):
         config: Union[InfluenceConfig, dict, None] = None,
         task: Optional[Task] = None,
         *,
-        candidates: Any = None,
+        candidates: Any = DEFAULT_CANDIDATES,
+        num_candidates: Optional[int] = None,
         max_candidates: Optional[int] = None,
         collate_fn: Optional[Callable[[list], Any]] = None,
         batch_size: Optional[int] = None,
         every_n_steps: Optional[int] = None,
-        on_save: bool = True,
+        on_save: Optional[bool] = None,
         on_evaluate: bool = False,
         at_train_end: bool = True,
         top_k: int = 10,
@@ -262,84 +311,150 @@ class InfluenceTrainerCallback(TrainerCallback):
         top_tokens: int = 8,
         self_influence: bool = False,
         writer: Any = None,
-        logdir: Optional[str] = None,
-        resume_from: Optional[str] = None,
+        logdir: Optional[Union[str, os.PathLike]] = None,
+        resume_from: Optional[Union[str, os.PathLike]] = None,
         strict: bool = False,
     ) -> None:
+        self.config = _config(config)
+        _check(task is None or isinstance(task, Task), "task", task, "None or an infl_plugin.Task instance")
+        _check(queries is None or isinstance(queries, torch.utils.data.DataLoader) or _indexable(queries), "queries",
+               queries, "None, a DataLoader or an indexable collection of examples")
+        for name, value, minimum, optional in (("max_candidates", max_candidates, 1, True),
+                                               ("batch_size", batch_size, 1, True),
+                                               ("every_n_steps", every_n_steps, 1, True), ("top_k", top_k, 1, False),
+                                               ("token_sequences", token_sequences, 0, False),
+                                               ("top_tokens", top_tokens, 1, False)):
+            _check_int(name, value, minimum, optional)
+        _check(on_save is None or isinstance(on_save, bool), "on_save", on_save, "None, True or False")
+        for name, value in (("on_evaluate", on_evaluate), ("at_train_end", at_train_end),
+                            ("self_influence", self_influence), ("strict", strict)):
+            _check(isinstance(value, bool), name, value, "True or False")
+        _check(collate_fn is None or callable(collate_fn), "collate_fn", collate_fn, "None or a callable")
+        _check(writer is None or callable(getattr(writer, "add_scalar", None)), "writer", writer,
+               "None or a SummaryWriter-like object (with add_scalar)")
+        for name, value in (("logdir", logdir), ("resume_from", resume_from)):
+            _check(value is None or isinstance(value, (str, os.PathLike)), name, value, "None or a path")
         self.queries = queries
-        self.config = InfluenceConfig.from_dict(config) if isinstance(config, dict) else config or InfluenceConfig()
         self.task = task
+        if max_candidates is not None:
+            _check(num_candidates is None, "max_candidates", max_candidates,
+                   "None (it is the deprecated name of num_candidates: set only num_candidates)")
+            warnings.warn("InfluenceTrainerCallback.max_candidates is deprecated: use num_candidates",
+                          DeprecationWarning, stacklevel=2)
+            num_candidates = max_candidates
+        candidates = DEFAULT_CANDIDATES if candidates is None else candidates
+        check_candidates(candidates, num_candidates, "InfluenceTrainerCallback", allow_dataset=True)
         self.candidates = candidates
-        self.max_candidates = max_candidates
+        self.num_candidates = num_candidates
+        self.max_candidates = num_candidates  # deprecated alias
+        self.indices = BatchIndexRecorder()
         self.collate_fn = collate_fn
         self.batch_size = batch_size
         self.every_n_steps = every_n_steps
-        self.on_save_attribute = on_save
-        self.on_evaluate_attribute = on_evaluate
-        self.at_train_end = at_train_end
+        self.attribute_on_save = (every_n_steps is None) if on_save is None else on_save
+        self.attribute_on_evaluate = on_evaluate
+        self.attribute_at_train_end = at_train_end
         self.top_k = top_k
         self.token_sequences = token_sequences
         self.top_tokens = top_tokens
         self.self_influence = self_influence
         self.writer = writer
-        self.logdir = logdir
-        self.resume_from = resume_from
+        self.logdir = None if logdir is None else os.fspath(logdir)
+        self.resume_from = None if resume_from is None else os.fspath(resume_from)
         self.strict = strict
         self.session: Optional[InfluenceSession] = None
         self.inputs: Optional[TrainingInputs] = None
-        self.trainer: Any = None
         self._own_writer: Any = None
         self._warned: set[str] = set()
 
     # ----------------------------------------------------------------------------- train begin / end
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None,
                        **kwargs) -> None:
-        trainer = _calling_trainer()
-        model = _unwrapped(model, args, trainer)
+        self.close()  # leftovers of a crashed run: hooks off, uncommitted statistics dropped
+        try:
+            self._begin(args, state, _unwrapped(model, args), processing_class, train_dataloader)
+        except BaseException:
+            self.close()
+            raise
+
+    def _begin(self, args: Any, state: Any, model: nn.Module, processing_class: Any, train_dataloader: Any) -> None:
         if self.session is None or self.session.model is not model:
-            self._close_session()
-            task = self.task or default_task(model)
-            self.session = InfluenceSession(
-                model, task, self.config, every_n_steps=self.every_n_steps, on_save=self.on_save_attribute,
-                at_train_end=self.at_train_end, on_evaluate=self.on_evaluate_attribute, top_k=self.top_k, self_influence=self.self_influence,
-                is_main=state.is_world_process_zero, progress=not getattr(args, "disable_tqdm", False),
-                strict=self.strict)
-            session = self.session
-            self.inputs = TrainingInputs(model, TrainerLossScale(task), lambda: session.capturing)
-        self.trainer = trainer
-        if any(getattr(trainer, name, None) is not None for name in ("label_smoother", "compute_loss_func")):
-            self._warn_once("loss", "infl_plugin: the Trainer uses label smoothing or a compute_loss_func; the "
-                            "statistics come from that loss's gradients while the task's loss is plain cross-entropy")
-        self.session.attach()
-        self.inputs.attach()
-        self._guard_training_loop()
+            self.session = self._new_session(model, args, state)
+            self.inputs = TrainingInputs(model, TrainerLossScale(self.session.task), self._capturing)
+        if getattr(args, "label_smoothing_factor", 0.0):
+            self._warn_once("loss", "infl_plugin: the Trainer uses label smoothing; the statistics come from that "
+                            "loss's gradients while the task's loss is plain cross-entropy")
+        if state.global_step > 0:
+            self._restore(args, state, model)
         # the training loader's collate_fn includes the Trainer's removal of unused dataset columns
-        collate = (self.collate_fn or getattr(train_dataloader, "collate_fn", None)
-                   or getattr(trainer, "data_collator", None))
-        self._set_data(args, collate, train_dataloader)
+        collate = self.collate_fn or getattr(train_dataloader, "collate_fn", None)
+        self._set_data(args, collate, train_dataloader, processing_class)
+        if self.session.candidate_mode == "stream" and self.session.has_data:
+            self._start_indices(train_dataloader, resumed=state.global_step > 0)
         if state.is_world_process_zero:
             self._open_reporter(args, processing_class, collate)
-        if state.global_step > 0:
-            self._restore(args, state)
+        self.session.attach()
+        self.inputs.attach()
+
+    def _new_session(self, model: nn.Module, args: Any, state: Any) -> InfluenceSession:
+        return InfluenceSession(
+            model, self.task or default_task(model), self.config, every_n_steps=self.every_n_steps,
+            on_save=self.attribute_on_save, at_train_end=self.attribute_at_train_end,
+            on_evaluate=self.attribute_on_evaluate, top_k=self.top_k, self_influence=self.self_influence,
+            is_main=state.is_world_process_zero, progress=not getattr(args, "disable_tqdm", False), strict=self.strict,
+            candidates=self.candidates if isinstance(self.candidates, str) else "all")
+
+    def _start_indices(self, train_dataloader: Any, resumed: bool) -> None:
+        """``candidates="stream"``: record the dataset indices of the training batches from the
+        training loader's batch sampler, or fall back to ``"all"`` with a warning."""
+        if not self.indices.install(train_dataloader):
+            self._warn_once("no-indices", "infl_plugin: candidates='stream' needs the dataset indices of training "
+                            "batches, which a loader without a batch sampler (an IterableDataset) does not give; "
+                            "scoring candidates='all' instead")
+            self.session.candidate_mode = "all"
+            self.session.tracker.set_queries(None)
+        elif resumed:  # the resumed epoch skips already-trained batches behind the recorder's back
+            self.indices.skip_next_iteration()
+
+    def _capturing(self) -> bool:
+        return self.session is not None and self.session.needs_grad_scale
 
     def on_train_end(self, args, state, control, **kwargs) -> None:
         try:
             self._attribute(state.global_step, "train_end")
         finally:
-            self._shutdown()
+            self.close()
+
+    def close(self) -> None:
+        """Take every hook off the model and close the writer this callback opened; safe to call twice.
+
+        Results stay readable (``callback.session``); the next ``on_train_begin`` attaches again.
+        Call it after a ``trainer.train()`` that raised if the model is used further without the
+        Trainer (the hooks are harmless meanwhile, see the module docstring).
+        """
+        self.indices.remove()
+        if self.inputs is not None:
+            self.inputs.close()
+        if self.session is not None:
+            self.session.close()
+        if self._own_writer is not None:
+            self._own_writer.flush()
+            self._own_writer.close()
+            self._own_writer = None
 
     # ----------------------------------------------------------------------------- micro-batches
     def on_substep_end(self, args, state, control, optimizer=None, **kwargs) -> None:
-        self._commit(args, optimizer, optimizer_step=False)
+        self._commit(args, optimizer_step=False, optimizer=optimizer)
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs) -> None:
-        self._commit(args, optimizer, optimizer_step=True)
+        self._commit(args, optimizer_step=True, optimizer=optimizer)
 
-    def _commit(self, args: Any, optimizer: Any, optimizer_step: bool) -> None:
-        if self.session is None or self.inputs is None:
+    def _commit(self, args: Any, optimizer_step: bool, optimizer: Any = None) -> None:
+        if self.session is None or self.inputs is None or not self.inputs.active:
             return
         recorded = self.inputs.pop()
         if not recorded:
+            self.indices.pop(None)  # the loader's batch was consumed all the same
             self._warn_once("no-forward", "infl_plugin: no training forward of the model was seen for a micro-batch "
                             "(is the callback's model the one being trained?); its statistics are skipped")
             return
@@ -347,15 +462,19 @@ class InfluenceTrainerCallback(TrainerCallback):
             self._warn_once("forwards", f"infl_plugin: {len(recorded)} training forwards in one micro-batch (a custom "
                             "compute_loss?); statistics use the last one's loss scale")
         micro = recorded[-1]
+        indices = self.indices.pop(self.session.task.batch_size(micro.batch)) if self.indices.installed else None
+        weight = None
+        if self.config.stream_weight == "lr" and optimizer is not None:
+            weight = float(optimizer.param_groups[0]["lr"])
         scale = None
-        if self.session.capturing:  # otherwise unused: skip its device syncs
+        if self.session.needs_grad_scale:  # otherwise unused: skip its device syncs
             try:
-                scale = self.inputs.scale.grad_scale(micro, args, self.trainer, optimizer)
+                scale = self.inputs.scale.grad_scale(micro, args)
             except Exception as error:  # never break training: the micro-batch's statistics are skipped
                 warnings.warn(f"infl_plugin: could not work out the loss scale of a micro-batch: {error}",
                               stacklevel=2)
                 scale = math.nan
-        self.session.after_backward(micro.batch, scale, optimizer_step)
+        self.session.after_backward(micro.batch, scale, optimizer_step, indices=indices, weight=weight)
 
     # ----------------------------------------------------------------------------- attribution
     def on_step_end(self, args, state, control, **kwargs) -> None:
@@ -376,33 +495,34 @@ class InfluenceTrainerCallback(TrainerCallback):
             self.session.maybe_attribute(step, reason)
 
     # ----------------------------------------------------------------------------- data and logging
-    def _set_data(self, args: Any, collate: Optional[Callable], train_dataloader: Any) -> None:
+    def _set_data(self, args: Any, collate: Optional[Callable], train_dataloader: Any, tokenizer: Any = None) -> None:
         if self.queries is None:
             self._warn_once("no-queries", "infl_plugin: InfluenceTrainerCallback got no queries; curvature statistics "
                             "are tracked and checkpointed, nothing is attributed")
             return
-        candidates = self.candidates
-        if candidates is None:
-            candidates = getattr(train_dataloader, "dataset", None)
-            if not hasattr(candidates, "__getitem__"):
-                candidates = getattr(self.trainer, "train_dataset", None)
-        if candidates is None or not hasattr(candidates, "__getitem__") or not hasattr(candidates, "__len__"):
-            raise ValueError("InfluenceTrainerCallback needs an indexable training set to score: pass candidates=...")
+        mode = self.candidates if isinstance(self.candidates, str) else "all"
+        candidates = getattr(train_dataloader, "dataset", None) if isinstance(self.candidates, str) else self.candidates
+        if candidates is None or not _indexable(candidates):
+            raise ConfigurationError("InfluenceTrainerCallback.candidates: the training loader's dataset is not "
+                                     "indexable (an IterableDataset?); pass candidates=<indexable training examples>")
         batch_size = self.batch_size or args.per_device_eval_batch_size
-        indices = None if self.max_candidates is None else spaced_indices(len(candidates), self.max_candidates)
         query_loader = self.queries if isinstance(self.queries, torch.utils.data.DataLoader) else make_loader(
             self.queries, batch_size, collate)
         query_dataset = getattr(query_loader, "dataset", None)
+        decode = getattr(tokenizer, "decode", None)
+        indices = select_candidates(mode, len(candidates), self.num_candidates, self.config.seed,
+                                    documents=lambda: dataset_documents(candidates, decode=decode),
+                                    query_documents=lambda: dataset_documents(query_dataset, decode=decode))
         self.session.set_data(query_loader, make_loader(candidates, batch_size, collate, indices),
                               query_dataset=query_dataset, candidate_dataset=candidates, candidate_indices=indices)
 
     def _open_reporter(self, args: Any, tokenizer: Any, collate: Optional[Callable]) -> None:
-        logdir = self.logdir or tensorboard_logdir(args, self.trainer)
+        logdir = self.logdir or tensorboard_logdir(args)
         writer = self.writer
         if writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = self._own_writer = self._own_writer or SummaryWriter(log_dir=logdir)
+            writer = self._own_writer = SummaryWriter(log_dir=logdir)
         reporter = TokenReporter(writer, tokenizer=tokenizer, collate_fn=collate, sequences=self.token_sequences,
                                  top_tokens=self.top_tokens)
         reporter.session = self.session
@@ -417,56 +537,30 @@ class InfluenceTrainerCallback(TrainerCallback):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         save_state(folder, session_state, {"global_step": int(state.global_step)})
 
-    def _restore(self, args: Any, state: Any) -> None:
+    def _restore(self, args: Any, state: Any, model: nn.Module) -> None:
+        """Read a resumed run's state; a missing or damaged one warns and statistics restart from zero."""
         candidates = [self.resume_from, getattr(args, "resume_from_checkpoint", None),
                       os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
-        folder = next((c for c in candidates if isinstance(c, str) and os.path.isfile(_state_path(c, ".json"))), None)
+        folder = next((c for c in candidates if isinstance(c, str) and any(
+            os.path.exists(_state_path(c, suffix)) for suffix in (".json", ".safetensors"))), None)
         if folder is None:
             self._warn_once("no-state", f"infl_plugin: resuming at step {state.global_step} without a saved influence "
                             "state (looked in resume_from, args.resume_from_checkpoint, output_dir/checkpoint-N); "
                             "curvature statistics restart from zero")
             return
-        session_state, meta = load_state(folder)
-        if meta.get("global_step") != state.global_step:
-            warnings.warn(f"infl_plugin: the influence state in {folder} is from step {meta.get('global_step')}, "
-                          f"training resumes at step {state.global_step}", stacklevel=2)
-        self.session.load_state_dict(session_state, rank=args.process_index)
-
-    # ----------------------------------------------------------------------------- teardown
-    def _guard_training_loop(self) -> None:
-        """Take the hooks off when an exception leaves the Trainer's epoch loop (no Trainer event says so)."""
-        trainer = self.trainer
-        run_epoch = getattr(trainer, "_run_epoch", None)
-        if run_epoch is None or getattr(run_epoch, "_infl_guard", False):
-            return
-
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return run_epoch(*args, **kwargs)
-            except BaseException:
-                self._shutdown()
+        try:
+            session_state, meta = load_state(folder)
+            if meta.get("global_step") != state.global_step:
+                warnings.warn(f"infl_plugin: the influence state in {folder} is from step {meta.get('global_step')}, "
+                              f"training resumes at step {state.global_step}", stacklevel=2)
+            self.session.load_state_dict(session_state, rank=args.process_index)
+        except Exception as error:
+            if self.strict:
                 raise
-
-        guarded._infl_guard = True  # type: ignore[attr-defined]
-        trainer._run_epoch = guarded
-
-    def _shutdown(self) -> None:
-        """Hooks off, writer closed, Trainer left as found; safe to call twice."""
-        if self.inputs is not None:
-            self.inputs.close()
-        if self.session is not None:
-            self.session.close()
-        if self.trainer is not None and getattr(self.trainer.__dict__.get("_run_epoch"), "_infl_guard", False):
-            del self.trainer.__dict__["_run_epoch"]
-        if self._own_writer is not None:
-            self._own_writer.flush()
-            self._own_writer.close()
-            self._own_writer = None
-        self.trainer = None
-
-    def _close_session(self) -> None:
-        self._shutdown()
-        self.session, self.inputs = None, None
+            warnings.warn(f"infl_plugin: cannot restore the influence state ({type(error).__name__}: {error}); "
+                          "curvature statistics restart from zero", stacklevel=2)
+            self.session.close()  # a partly loaded state is not kept
+            self.session = self._new_session(model, args, state)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -475,6 +569,28 @@ class InfluenceTrainerCallback(TrainerCallback):
 
 
 # --------------------------------------------------------------------------------- helpers
+def _config(config: Any) -> InfluenceConfig:
+    if isinstance(config, dict):
+        return InfluenceConfig.from_dict(config)
+    _check(config is None or isinstance(config, InfluenceConfig), "config", config,
+           "None, an InfluenceConfig or a dict of its fields")
+    return config or InfluenceConfig()
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigurationError(f"InfluenceTrainerCallback.{name} must be {allowed}, got {value!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int, optional: bool) -> None:
+    ok = (value is None and optional) or (isinstance(value, int) and not isinstance(value, bool) and value >= minimum)
+    _check(ok, name, value, f"{'None or ' if optional else ''}an integer >= {minimum}")
+
+
+def _indexable(value: Any) -> bool:
+    return hasattr(value, "__getitem__") and hasattr(value, "__len__") and not isinstance(value, (str, bytes))
+
+
 def default_task(model: nn.Module) -> Task:
     """`CausalLMTask` or `ClassificationTask` from the (PEFT-unwrapped) model's class name."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -486,46 +602,28 @@ def default_task(model: nn.Module) -> Task:
         problem = getattr(config, "problem_type", None)
         if getattr(config, "num_labels", 2) > 1 and problem in (None, "single_label_classification"):
             return ClassificationTask()
-    raise ValueError(f"InfluenceTrainerCallback cannot pick a task for {name}; pass task=CausalLMTask(), "
-                     "ClassificationTask() or your own infl_plugin.Task subclass")
+    raise ConfigurationError(f"InfluenceTrainerCallback.task: cannot pick a task for {name}; pass "
+                             "task=CausalLMTask(), ClassificationTask() or your own infl_plugin.Task subclass")
 
 
-def tensorboard_logdir(args: Any, trainer: Any = None) -> str:
-    """Where the run's TensorBoard events go: ``TENSORBOARD_LOGGING_DIR``, else the directory of the
-    Trainer's own ``TensorBoardCallback`` (``report_to="tensorboard"``), else ``args.logging_dir``
-    (older transformers), else ``output_dir/runs``."""
+def tensorboard_logdir(args: Any) -> str:
+    """Where the run's TensorBoard events go, as the Trainer's own ``TensorBoardCallback`` decides:
+    ``TENSORBOARD_LOGGING_DIR``, else ``args.logging_dir`` (transformers 4.x; 5.x has no such
+    argument), else ``output_dir/runs`` (the parent of 5.x's per-run folders)."""
     env = os.getenv("TENSORBOARD_LOGGING_DIR")
     if env:
         return os.path.expanduser(env)
-    for callback in getattr(getattr(trainer, "callback_handler", None), "callbacks", []):
-        if type(callback).__name__ == "TensorBoardCallback" and getattr(callback, "logging_dir", None):
-            return callback.logging_dir
     return getattr(args, "logging_dir", None) or os.path.join(args.output_dir, "runs")
 
 
-def _calling_trainer() -> Any:
-    """The ``transformers.Trainer`` whose method is running this callback (found on the call stack)."""
-    from transformers import Trainer
-
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            candidate = frame.f_locals.get("self")
-            if isinstance(candidate, Trainer):
-                return candidate
-            frame = frame.f_back
-    finally:
-        del frame
-    return None
-
-
-def _unwrapped(model: Optional[nn.Module], args: Any, trainer: Any) -> nn.Module:
+def _unwrapped(model: Optional[nn.Module], args: Any) -> nn.Module:
     """The module whose layers are hooked; refuses compiled models (their graphs bypass module hooks)."""
     if model is None:
         raise ValueError("InfluenceTrainerCallback.on_train_begin received no model")
-    wrapped = getattr(trainer, "model_wrapped", None)
-    compiled = getattr(args, "torch_compile", False) or any(hasattr(m, "_orig_mod") for m in (model, wrapped))
-    if compiled:
+    # ``args.torch_compile`` is how a Trainer is asked to compile; a module the user compiled before
+    # handing it over is torch's wrapper, which keeps the original as ``_orig_mod`` (the attribute
+    # torch documents for reaching it; the wrapper class itself is not public)
+    if getattr(args, "torch_compile", False) or hasattr(model, "_orig_mod"):
         raise RuntimeError(
             "InfluenceTrainerCallback does not support torch.compile (torch_compile=True or a compiled model): "
             "compiled graphs do not run the per-layer hooks that collect influence statistics. Train without "
@@ -535,29 +633,80 @@ def _unwrapped(model: Optional[nn.Module], args: Any, trainer: Any) -> nn.Module
     return model
 
 
+# --------------------------------------------------------------------------------- state files
 def _state_path(folder: str, suffix: str) -> str:
     return os.path.join(folder, STATE_FILE + suffix)
 
 
+def _replace_atomically(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a fresh temporary file next to ``path``, flush it to disk, then rename it
+    over ``path``: a reader sees the old file or the new one, never a half-written one."""
+    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as stream:
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def save_state(folder: str, state: dict, meta: Optional[dict] = None) -> None:
-    """Write a nested state (tensors, dicts, lists, tuples, scalars) as safetensors + JSON."""
+    """Write a nested state (tensors, dicts, lists, tuples, scalars) as safetensors + JSON.
+
+    The JSON, written last, records the safetensors file's size, so `load_state` can tell a
+    truncated file or a pair from two different saves.
+    """
     tensors: dict[str, torch.Tensor] = {}
     tree = _flatten(state, "", tensors)
     os.makedirs(folder, exist_ok=True)
-    tmp = _state_path(folder, ".safetensors.tmp")
-    save_file(tensors, tmp)
-    os.replace(tmp, _state_path(folder, ".safetensors"))
-    with open(_state_path(folder, ".json.tmp"), "w", encoding="utf-8") as handle:
-        json.dump({"meta": meta or {}, "state": tree}, handle)
-    os.replace(_state_path(folder, ".json.tmp"), _state_path(folder, ".json"))
+    tensor_path = _state_path(folder, ".safetensors")
+    _replace_atomically(tensor_path, lambda tmp: save_file(tensors, tmp))
+    saved = {"meta": meta or {}, "state": tree, "tensors_bytes": os.path.getsize(tensor_path)}
+
+    def write_json(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(saved, handle)
+
+    _replace_atomically(_state_path(folder, ".json"), write_json)
 
 
 def load_state(folder: str) -> tuple[dict, dict]:
-    """Read what `save_state` wrote: ``(state, meta)``."""
-    with open(_state_path(folder, ".json"), encoding="utf-8") as handle:
-        saved = json.load(handle)
-    tensors = load_file(_state_path(folder, ".safetensors"))
-    return _unflatten(saved["state"], tensors), saved["meta"]
+    """Read what `save_state` wrote: ``(state, meta)``.
+
+    Raises `StateFileError` naming the file and what is wrong with it: a file of the pair missing,
+    JSON that does not parse or is not an influence state, a truncated or unreadable safetensors
+    file, or a pair whose entries do not match.
+    """
+    json_path, tensor_path = _state_path(folder, ".json"), _state_path(folder, ".safetensors")
+    for path in (json_path, tensor_path):
+        if not os.path.isfile(path):
+            raise StateFileError(f"{path} is missing (an influence state is the pair {STATE_FILE}.json + "
+                                 f"{STATE_FILE}.safetensors)")
+    try:
+        with open(json_path, encoding="utf-8") as handle:
+            saved = json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise StateFileError(f"{json_path} is not valid JSON (truncated or overwritten?): {error}") from error
+    if not isinstance(saved, dict) or not isinstance(saved.get("meta"), dict) or "state" not in saved:
+        raise StateFileError(f"{json_path} is not an influence state (no 'meta' and 'state' entries)")
+    size, expected = os.path.getsize(tensor_path), saved.get("tensors_bytes")
+    if expected is not None and size != expected:
+        raise StateFileError(f"{tensor_path} has {size} bytes where {json_path} expects {expected} (truncated, or "
+                             "the two files come from different saves)")
+    try:
+        tensors = load_file(tensor_path)
+    except Exception as error:  # safetensors raises its own error types (header, truncation, I/O)
+        raise StateFileError(f"{tensor_path} is not a readable safetensors file: {type(error).__name__}: "
+                             f"{error}") from error
+    try:
+        state = _unflatten(saved["state"], tensors)
+    except (KeyError, TypeError, AttributeError) as error:
+        raise StateFileError(f"{json_path} does not match {tensor_path}: missing or malformed entry {error}") from error
+    return state, saved["meta"]
 
 
 def _flatten(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -584,5 +733,5 @@ def _unflatten(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return tree
 
 
-__all__ = ["InfluenceTrainerCallback", "MicroBatch", "TrainerLossScale", "TrainingInputs", "default_task",
-           "load_state", "save_state", "tensorboard_logdir"]
+__all__ = ["MAX_PENDING", "InfluenceTrainerCallback", "MicroBatch", "TrainerLossScale", "TrainingInputs",
+           "default_task", "load_state", "model_loss", "save_state", "tensorboard_logdir"]

@@ -8,11 +8,18 @@ hurt each held-out query (see `infl_plugin.reporting` for every tag).
 Event mapping (all math lives in the core):
 
 * ``setup("fit")``: build the session, hooks on; ``teardown`` / ``on_exception``: hooks off.
-* ``on_train_start``: resolve queries (a datamodule split or a Dataset) and candidates (default:
-  the training dataset in fixed order, with the training loader's collate function).
-* ``on_train_batch_start``: announce the micro-batch; ``on_after_backward``: commit its statistics
+* ``on_train_start``: resolve queries (a Dataset, or a split: the trainer's training or validation
+  loader, else the datamodule's/module's ``*_dataloader()``) and candidates (default: the training
+  dataset in fixed order, with the training loader's collate function).
+* ``on_train_batch_start``: announce the micro-batch; ``on_before_backward`` (first statistics
+  micro-batch): check the loss is the task's mean, not a sum (`InfluenceSession.check_training_loss`);
+  ``on_after_backward``: commit its statistics
   with ``grad_scale = task scale / accumulate_grad_batches × AMP loss scale``; whether it ends an
   optimizer step follows Lightning's accumulation (including the epoch's last batch).
+* ``candidates="stream"``: each training batch's dataset indices come from the training loader's
+  batch sampler (`infl_plugin.indices.BatchIndexRecorder`, installed at ``on_train_start``, moved to
+  a reloaded loader at ``on_train_epoch_start``, removed at ``teardown``); Lightning builds the first
+  epoch's iterator before any callback runs, so streaming starts with the second epoch.
 * ``on_train_batch_end`` after an optimizer step: attribution every ``every_n_steps``;
   ``on_save_checkpoint``: attribution on save (then the saved state is refreshed, so a resumed run
   continues exactly); ``on_train_end``: attribution at the end. At most one attribution per step.
@@ -36,7 +43,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from infl_plugin.candidates import DEFAULT_CANDIDATES, check_candidates, dataset_documents, select_candidates
 from infl_plugin.config import InfluenceConfig, reject_unknown_fields
+from infl_plugin.indices import BatchIndexRecorder
 from infl_plugin.reporting import RENDERERS, Renderer, TensorBoardReporter
 from infl_plugin.session import InfluenceSession, make_loader, spaced_indices
 from infl_plugin.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
@@ -57,9 +66,11 @@ class InfluenceCallbackConfig:
     task: str = "classification"
     queries: str = "val"
     num_queries: int = 8
+    candidates: str = DEFAULT_CANDIDATES
+    num_candidates: Optional[int] = None
     max_candidates: Optional[int] = None
     every_n_steps: Optional[int] = None
-    on_save: bool = True
+    on_save: Optional[bool] = None
     at_train_end: bool = True
     top_k: int = 10
     renderer: str = "auto"
@@ -82,11 +93,20 @@ class InfluenceCallback(Callback):
         queries: held-out examples to explain: a datamodule/module split name (``"val"``,
             ``"test"``, ``"train"``) or a Dataset; ``num_queries`` evenly spaced items are used.
         num_queries: how many query examples.
-        candidates: training examples to score (default: the trainer's training dataset, read in
-            a fixed, unshuffled order with the training loader's collate function).
-        max_candidates: score at most this many evenly spaced candidates (``None``: all).
+        candidates: what an attribution scores (see `infl_plugin.candidates`): ``"stream"``
+            (default: the training examples seen since the previous attribution, with the scores
+            streamed from their training backward, no candidate pass; ``"all"`` until streamed
+            scores exist), ``"all"`` (a pass over the training set, read in a fixed order with the
+            training loader's collate function), ``"tfidf"`` (each query's ``num_candidates``
+            nearest training examples by TF-IDF of their text or token ids), ``"random"`` (a fixed
+            seeded subset of ``num_candidates``), or a Dataset to score in full instead of the
+            training set.
+        num_candidates: ``"tfidf"``: candidates per query; ``"random"``: subset size; ``"all"`` and
+            the ``"stream"`` fallback: score at most this many evenly spaced examples (``None``: all).
+        max_candidates: deprecated name of ``num_candidates``.
         every_n_steps: attribute every n optimizer steps (``None``: not on a step count).
-        on_save: attribute whenever a checkpoint is saved during ``fit``.
+        on_save: attribute whenever a checkpoint is saved during ``fit``; ``None`` (default): only
+            when ``every_n_steps`` is ``None`` (a step schedule is not multiplied by the saves).
         at_train_end: attribute when training ends.
         top_k: most helpful / harmful examples shown per query.
         renderer: how an example is shown: ``"auto"``, ``"image"``, ``"text"``, ``"repr"`` or a
@@ -107,10 +127,11 @@ class InfluenceCallback(Callback):
         task: Union[str, Task] = "classification",
         queries: Union[str, Dataset] = "val",
         num_queries: int = 8,
-        candidates: Optional[Dataset] = None,
+        candidates: Union[str, Dataset, None] = DEFAULT_CANDIDATES,
+        num_candidates: Optional[int] = None,
         max_candidates: Optional[int] = None,
         every_n_steps: Optional[int] = None,
-        on_save: bool = True,
+        on_save: Optional[bool] = None,
         at_train_end: bool = True,
         top_k: int = 10,
         renderer: Union[str, Renderer] = "auto",
@@ -133,10 +154,22 @@ class InfluenceCallback(Callback):
                                                 ("max_candidates", max_candidates, 1, True),
                                                 ("batch_size", batch_size, 1, True), ("num_workers", num_workers, 0, False)):
             _check_int(label, value, minimum, optional)
+        if max_candidates is not None:
+            if num_candidates is not None:
+                raise ValueError("InfluenceCallback.max_candidates is the deprecated name of num_candidates: set only "
+                                 "num_candidates")
+            warnings.warn("InfluenceCallback.max_candidates is deprecated: use num_candidates", DeprecationWarning,
+                          stacklevel=2)
+            num_candidates = max_candidates
+        candidates = DEFAULT_CANDIDATES if candidates is None else candidates
+        check_candidates(candidates, num_candidates, "InfluenceCallback", allow_dataset=True)
         self.queries = queries
         self.num_queries = num_queries
         self.candidates = candidates
-        self.max_candidates = max_candidates
+        self.num_candidates = num_candidates
+        self.max_candidates = num_candidates  # deprecated alias
+        self.indices = BatchIndexRecorder()
+        self._batch_indices: Any = None
         self.every_n_steps = every_n_steps
         self.on_save = on_save
         self.at_train_end = at_train_end
@@ -192,24 +225,33 @@ class InfluenceCallback(Callback):
                 pl_module, self.task, self.config, every_n_steps=self.every_n_steps, on_save=self.on_save,
                 at_train_end=self.at_train_end, top_k=self.top_k, self_influence=self.self_influence,
                 is_main=trainer.is_global_zero, progress=self.progress, log=rank_zero_info, strict=self.strict,
+                candidates=self.candidates if isinstance(self.candidates, str) else "all",
             )
         else:
             self.session.attach()
         if self._pending_state is not None:
             self.session.load_state_dict(self._pending_state, rank=trainer.global_rank)
             self._pending_state = None
-        if trainer.is_global_zero:
-            self._connect_logger(trainer)
+        self._connect_logger(trainer)
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self.indices.remove()
         if self.session is not None:
             self.session.close()
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self.indices.remove()
         if self.session is not None:
             self.session.close()
 
     def _connect_logger(self, trainer: "pl.Trainer") -> None:
+        """Reporter and artifact directory on the main process.
+
+        ``trainer.log_dir`` is a broadcast under DDP: it is read on every rank, before the branch.
+        """
+        log_dir = trainer.log_dir
+        if not trainer.is_global_zero:
+            return
         tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         if tensorboard is not None:
             self.session.reporter = TensorBoardReporter(tensorboard.experiment, self.renderer, self.image_shape)
@@ -217,7 +259,7 @@ class InfluenceCallback(Callback):
         else:
             warnings.warn("InfluenceCallback: the trainer has no TensorBoardLogger; attributions are written as "
                           "artifacts only", stacklevel=2)
-            self.session.artifact_dir = trainer.log_dir or trainer.default_root_dir
+            self.session.artifact_dir = log_dir or trainer.default_root_dir
 
     # ----------------------------------------------------------------------------- data
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -226,14 +268,21 @@ class InfluenceCallback(Callback):
             raise ValueError("InfluenceCallback needs a single training DataLoader to read candidates from; "
                              f"got {type(train).__name__}")
         batch_size = self.batch_size or train.batch_size or 32
-        candidates = self.candidates if self.candidates is not None else train.dataset
-        candidate_indices = spaced_indices(len(candidates), self.max_candidates or len(candidates))
+        mode = self.candidates if isinstance(self.candidates, str) else "all"
+        candidates = train.dataset if isinstance(self.candidates, str) else self.candidates
         if isinstance(self.queries, str):
             query_loader = self._split_loader(trainer, pl_module, self.queries)
             queries, query_collate = query_loader.dataset, query_loader.collate_fn
         else:
             queries, query_collate = self.queries, train.collate_fn
         query_indices = spaced_indices(len(queries), self.num_queries)
+        if mode == "stream":
+            self._start_indices(train)
+        candidate_indices = select_candidates(
+            mode, len(candidates), self.num_candidates, self.config.seed,
+            documents=lambda: dataset_documents(candidates), query_documents=lambda: dataset_documents(queries, query_indices))
+        if candidate_indices is None:
+            candidate_indices = list(range(len(candidates)))
         self.session.set_data(
             make_loader(queries, batch_size, query_collate, query_indices, self.num_workers),
             make_loader(candidates, batch_size, train.collate_fn, candidate_indices, self.num_workers),
@@ -242,35 +291,75 @@ class InfluenceCallback(Callback):
         )
 
     def _split_loader(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", split: str) -> DataLoader:
-        source = trainer.datamodule if trainer.datamodule is not None else pl_module
-        try:
-            loader = getattr(source, SPLITS[split])()
-        except Exception as error:
-            raise ValueError(f"InfluenceCallback.queries={split!r}: could not build {type(source).__name__}."
-                             f"{SPLITS[split]}() ({error}); pass a Dataset or another split") from error
+        """The loader of ``split`` as the trainer has it: the training loader; the validation loader
+        (also when given as ``fit(model, train_loader, val_loader)``); else the datamodule's or
+        module's ``*_dataloader()`` (the only source of a test split during ``fit``)."""
+        loader: Any = None
+        if split == "train":
+            loader = trainer.train_dataloader
+        elif split == "val":
+            loader = trainer.val_dataloaders if trainer.val_dataloaders is not None else _fit_val_loader(trainer)
+        if loader is None:
+            source = trainer.datamodule if trainer.datamodule is not None else pl_module
+            try:
+                loader = getattr(source, SPLITS[split])()
+            except Exception as error:
+                raise ValueError(f"InfluenceCallback.queries={split!r}: the trainer has no {split} loader and "
+                                 f"{type(source).__name__}.{SPLITS[split]}() failed ({error}); pass a Dataset or "
+                                 "another split") from error
         if not isinstance(loader, DataLoader):
-            raise ValueError(f"InfluenceCallback.queries={split!r}: {SPLITS[split]}() must return one DataLoader")
+            raise ValueError(f"InfluenceCallback.queries={split!r}: the {split} loader must be one DataLoader, "
+                             f"got {type(loader).__name__}")
         return loader
 
     # ----------------------------------------------------------------------------- training events
+    def _start_indices(self, train: DataLoader) -> None:
+        """``candidates="stream"``: record the dataset indices of the training batches from the
+        training loader's batch sampler (`BatchIndexRecorder`), or fall back to ``"all"``."""
+        if self.indices.install(train):
+            rank_zero_info("InfluenceCallback: streaming influence; the dataset indices of training batches are read "
+                           "from the training loader's sampler from the next epoch on (Lightning creates the first "
+                           "epoch's iterator before callbacks run), so streamed scores start with the second epoch")
+            return
+        warnings.warn("InfluenceCallback: candidates='stream' needs the dataset indices of training batches, which "
+                      "a loader without a batch sampler (an IterableDataset) does not give; scoring candidates='all' "
+                      "instead", stacklevel=3)
+        self.session.candidate_mode = "all"
+
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.indices.installed and isinstance(trainer.train_dataloader, DataLoader):
+            self.indices.install(trainer.train_dataloader)  # a reloaded loader (reload_dataloaders_every_n_epochs)
+
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
                              batch_idx: int) -> None:
         self._batch = batch
+        self._batch_indices = self.indices.pop(self.task.batch_size(batch)) if self.indices.installed else None
         if self.session is not None and pl_module.training:
             self.session.before_forward(batch)
+
+    def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: Any) -> None:
+        """First statistics micro-batch: compare the loss about to be backpropagated (already divided
+        by the accumulation and AMP-scaled) with the task's losses, so a summed loss is detected."""
+        session = self.session
+        if (session is None or not pl_module.training or self._batch is None or not session.capturing
+                or session.loss_reduction is not None):
+            return
+        with session.tolerant("checking how the training loss is reduced"):
+            session.check_training_loss(self._batch, float(loss.detach()), _loss_factor(trainer, pl_module))
 
     def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.session is None or not pl_module.training or self._batch is None:
             return
-        automatic = pl_module.automatic_optimization
-        accumulation = trainer.accumulate_grad_batches if automatic else 1
         scale = None
-        if self.session.capturing:  # otherwise unused: skip its device syncs
+        if self.session.needs_grad_scale:  # otherwise unused: skip its device syncs
             try:
-                scale = self.task.training_loss_scale(self._batch) / accumulation * _amp_scale(trainer)
+                scale = self.session.task_loss_scale(self._batch) * _loss_factor(trainer, pl_module)
             except Exception:  # the session counts and warns about bad batches
                 scale = float("nan")
-        self.session.after_backward(self._batch, grad_scale=scale, optimizer_step=_ends_optimizer_step(trainer, automatic))
+        weight = _learning_rate(trainer) if self.config.stream_weight == "lr" else None
+        self.session.after_backward(self._batch, grad_scale=scale,
+                                    optimizer_step=_ends_optimizer_step(trainer, pl_module.automatic_optimization),
+                                    indices=self._batch_indices, weight=weight)
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -332,6 +421,28 @@ def _check_int(label: str, value: Any, minimum: int, optional: bool) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         allowed = f"an integer >= {minimum}" + (" or None" if optional else "")
         raise ValueError(f"InfluenceCallback.{label} must be {allowed}, got {value!r}")
+
+
+def _fit_val_loader(trainer: "pl.Trainer") -> Optional[DataLoader]:
+    """A validation DataLoader passed to ``fit`` that Lightning has not loaded (validation off:
+    ``limit_val_batches=0`` or no ``validation_step``). No public property exposes it then, so the
+    val loop's data source is read defensively (``None`` when its layout differs)."""
+    source = getattr(trainer.fit_loop.epoch_loop.val_loop, "_data_source", None)
+    instance = getattr(source, "instance", None)
+    return instance if isinstance(instance, DataLoader) else None
+
+
+def _learning_rate(trainer: "pl.Trainer") -> Optional[float]:
+    """The first optimizer's first parameter group's learning rate (the streamed scores' step weight)."""
+    optimizers = trainer.optimizers
+    return float(optimizers[0].param_groups[0]["lr"]) if optimizers else None
+
+
+def _loss_factor(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> float:
+    """What Lightning multiplies the training step's loss by before backward: ``1/accumulate_grad_batches``
+    (automatic optimization) × the AMP loss scale."""
+    accumulation = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+    return _amp_scale(trainer) / accumulation
 
 
 def _amp_scale(trainer: "pl.Trainer") -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import warnings
 
 import pytest
@@ -9,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import infl_plugin as ip
@@ -23,6 +27,13 @@ from models import ImageNet, image_data, loader
         ({"fisher": "true"}, "fisher", "'empirical', 'sampled'"),
         ({"damping": 0.0}, "damping", "float > 0"),
         ({"damping": -1.0}, "damping", "float > 0"),
+        ({"damping": "abc"}, "damping", "float > 0"),
+        ({"damping": float("inf")}, "damping", "finite float > 0"),
+        ({"damping": float("nan")}, "damping", "finite float > 0"),
+        ({"seed": "x"}, "seed", "integer"),
+        ({"seed": True}, "seed", "integer"),
+        ({"module_types": ["LSTM"]}, "module_types", "'Linear', 'Conv1D', 'Conv2d'"),
+        ({"dampnig": 0.1}, "dampnig", "allowed fields: ['accumulation_dtype', 'damping'"),
         ({"query_rank": 0}, "query_rank", "integer >= 1"),
         ({"update_every": 0}, "update_every", "integer >= 1"),
         ({"accumulation_dtype": "bfloat16"}, "accumulation_dtype", "'float32', 'float64'"),
@@ -30,9 +41,11 @@ from models import ImageNet, image_data, loader
     ],
 )
 def test_invalid_config_names_field_and_allowed_values(kwargs, field, allowed):
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ip.ConfigurationError) as info:
         ip.InfluenceConfig(**kwargs)
-    assert f"InfluenceConfig.{field}" in str(info.value) and allowed in str(info.value)
+    assert isinstance(info.value, (ValueError, ip.InfluenceError))
+    named = f"InfluenceConfig.{field}" in str(info.value) or f"no field(s) ['{field}']" in str(info.value)
+    assert named and allowed in str(info.value)
 
 
 def test_config_is_an_omegaconf_structured_config():
@@ -46,6 +59,23 @@ def test_config_is_an_omegaconf_structured_config():
         OmegaConf.to_object(OmegaConf.merge(schema, {"strategy": "nope"}))
     with pytest.raises(ValueError, match="no field"):
         ip.InfluenceConfig.from_dict({"strategy": "kfac", "bogus": 1})
+    with pytest.raises(ValueError, match="InfluenceConfig.module_types"):
+        OmegaConf.to_object(OmegaConf.merge(schema, {"module_types": ["Embedding"]}))
+
+
+def test_config_builds_from_a_lightning_cli_style_parser():
+    """The unknown-field guard leaves the dataclass as jsonargparse (LightningCLI) reads it."""
+    jsonargparse = pytest.importorskip("jsonargparse")
+
+    class Holder:
+        def __init__(self, config: ip.InfluenceConfig = None) -> None:
+            self.config = config
+
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(Holder, "holder")
+    parsed = parser.parse_args(["--holder.config.strategy=kfac", "--holder.config.damping=0.5"])
+    config = parser.instantiate_classes(parsed).holder.config
+    assert isinstance(config, ip.InfluenceConfig) and config.strategy == "kfac" and config.damping == 0.5
 
 
 def test_layer_selection_by_pattern_and_type():
@@ -128,9 +158,43 @@ def test_factors_save_load_round_trip_and_refuse_other_layers(tmp_path):
     )
     with pytest.raises(ValueError, match="another layer set"):
         ip.Attributor(model, ip.ClassificationTask(), loaded, ip.InfluenceConfig(modules=["fc"]))
-    (tmp_path / "other.safetensors").write_bytes(b"not a file")
-    with pytest.raises(Exception):
-        ip.Factors.load(tmp_path / "other.safetensors")
+
+
+
+@pytest.mark.parametrize("damage", ["empty", "random", "truncated", "tail", "foreign", "missing tensor", "no shapes"])
+def test_damaged_factors_file_is_a_clear_error_naming_the_path(tmp_path, damage):
+    model = ImageNet().double()
+    good = tmp_path / "good.safetensors"
+    ip.fit_factors(model, ip.ClassificationTask(), loader(image_data(), 4), ip.InfluenceConfig(strategy="kfac")).save(good)
+    data, path = good.read_bytes(), tmp_path / f"{damage.replace(' ', '_')}.safetensors"
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "random":
+        path.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).to(torch.uint8).numpy().tobytes())
+    elif damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "tail":
+        path.write_bytes(data[:-8])
+    elif damage == "foreign":
+        save_file({"w": torch.zeros(2)}, str(path))
+    else:
+        with safe_open(str(good), framework="pt") as handle:
+            meta = json.loads(handle.metadata()["infl_plugin"])
+        tensors = load_file(str(good))
+        if damage == "missing tensor":
+            del tensors["fc::q_s"]
+        else:
+            del meta["shapes"]
+        save_file(tensors, str(path), metadata={"infl_plugin": json.dumps(meta)})
+    with pytest.raises(ip.FactorsFileError) as info:
+        ip.Factors.load(path)
+    assert isinstance(info.value, ValueError) and str(path) in str(info.value)
+    expected = {"missing tensor": r"'fc' lacks the \['q_s'\]", "no shapes": r"lacks the factors metadata entries \['shapes'\]",
+                "foreign": "not an infl_plugin factors file"}
+    if damage in expected:
+        assert re.search(expected[damage], str(info.value))
+    with pytest.raises(FileNotFoundError, match="No factors file"):
+        ip.Factors.load(tmp_path / "absent.safetensors")
 
 
 def test_attribution_leaves_gradients_and_mode_untouched():

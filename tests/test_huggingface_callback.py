@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import random
 import shutil
 import warnings
 
@@ -28,7 +29,8 @@ import infl_plugin as ip
 from infl_plugin.artifacts import read_artifacts
 from infl_plugin.fitting import accumulate, new_statistics
 from infl_plugin.hooks import LayerHooks
-from infl_plugin.integrations.huggingface import (InfluenceTrainerCallback, TrainerLossScale, load_state,
+from infl_plugin.errors import ConfigurationError, StateFileError
+from infl_plugin.integrations.huggingface import (MAX_PENDING, InfluenceTrainerCallback, TrainerLossScale, load_state,
                                                  tensorboard_logdir)
 from infl_plugin.passes import isolated
 from infl_plugin.session import make_loader
@@ -281,16 +283,25 @@ def test_padding_changes_neither_statistics_nor_scores(tmp_path):
 
 
 def test_loss_normalisation_is_measured_per_model(tmp_path):
-    """GPT-2 divides by num_items_in_batch; BERT's classifier accepts the keyword but takes a mean."""
-    modes = {}
-    for kind in ("gpt2", "bert"):
+    """Llama divides by num_items_in_batch; BERT's classifier accepts the keyword but takes a mean.
+
+    transformers 4.x passes ``num_items_in_batch`` only to models whose forward takes ``**kwargs``
+    for the loss (Llama, not BERT): then BERT's loss is a plain mean and there is nothing to measure.
+    """
+    modes, passed = {}, {}
+    for kind in ("llama", "bert"):
         callback = InfluenceTrainerCallback(config=config(kind))
+        model = MODELS[kind]()
+        seen = []
+        probe = model.register_forward_pre_hook(lambda m, a, kw: seen.append("num_items_in_batch" in kw),
+                                                with_kwargs=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            make_trainer(MODELS[kind](), examples_for(kind), tmp_path / kind, callback,
-                         gradient_accumulation_steps=2).train()
-        modes[kind] = callback.inputs.scale.mode
-    assert modes == {"gpt2": "num_items", "bert": "mean"}
+            make_trainer(model, examples_for(kind), tmp_path / kind, callback, gradient_accumulation_steps=2).train()
+        probe.remove()
+        modes[kind], passed[kind] = callback.inputs.scale.mode, any(seen)
+    assert passed["llama"] and modes["llama"] == "num_items"
+    assert modes["bert"] == ("mean" if passed["bert"] else None)
 
 
 # --------------------------------------------------------------------------------- outputs
@@ -300,9 +311,11 @@ def test_event_files_artifacts_and_checkpoint_state(tmp_path):
     items = lm_examples(16)
     queries = lm_examples(2, offset=90)
     callback = InfluenceTrainerCallback(queries=queries, config=config("gpt2", strategy="ekfac"), top_k=3)
-    make_trainer(gpt2(), items, tmp_path, callback, learning_rate=1e-2, save_strategy="steps", save_steps=2).train()
-    logdir = tensorboard_logdir(callback_args := TrainingArguments(output_dir=str(tmp_path), report_to="none"))
-    assert logdir == os.path.join(callback_args.output_dir, "runs")
+    trainer = make_trainer(gpt2(), items, tmp_path, callback, learning_rate=1e-2, save_strategy="steps", save_steps=2)
+    trainer.train()
+    logdir = tensorboard_logdir(trainer.args)
+    # transformers 4.x has args.logging_dir (default output_dir/runs/<time>_<host>); 5.x has none
+    assert logdir == (getattr(trainer.args, "logging_dir", None) or os.path.join(str(tmp_path), "runs"))
     (event_file,) = glob.glob(os.path.join(logdir, "events.out.tfevents.*"))
     events = EventAccumulator(event_file, size_guidance={"images": 0, "tensors": 0})
     events.Reload()
@@ -312,9 +325,11 @@ def test_event_files_artifacts_and_checkpoint_state(tmp_path):
             assert f"{tag}/text_summary" in tags["tensors"]
         for tag in (f"influence_token_heatmaps/query_{q:03d}", f"influence_layers/query_{q:03d}"):
             assert tag in tags["images"]
-        assert f"influence_scores/query_{q:03d}" in tags["histograms"]
+        assert f"influence_score_log10/query_{q:03d}" in tags["histograms"]
     assert {"influence_plots/score_ccdf", "influence_plots/layer_shares"} <= set(tags["images"])
-    assert [e.step for e in events.Scalars("influence_top/query_000/helpful_1")] == [2, 4]
+    tracked = [t for t in tags["scalars"] if t.startswith("influence_tracked/query_000/example_")]
+    assert any([e.step for e in events.Scalars(t)] == [2, 4] for t in tracked)  # one series = one example
+    assert [e.step for e in events.Scalars("influence_stats/topk_jaccard/query_000")] == [4]
     text = events.Tensors("influence_tokens/query_000/text_summary")[-1].tensor_proto.string_val[0].decode()
     assert "helpful #1" in text and "harmful #1" in text and "| rank | token |" in text
 
@@ -379,6 +394,77 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
     torch.testing.assert_close(resumed.session.last_result.scores, whole.session.last_result.scores, rtol=1e-5, atol=0)
 
 
+def _truncate(path: str) -> None:
+    with open(path, "rb") as handle:
+        data = handle.read()
+    with open(path, "wb") as handle:
+        handle.write(data[: len(data) // 2])
+
+
+def _random_bytes(path: str) -> None:
+    size = os.path.getsize(path)  # same size: the damage is found by parsing, not by the recorded size
+    with open(path, "wb") as handle:
+        handle.write(random.Random(0).randbytes(size))
+
+
+DAMAGES = {  # name: (file of the pair, damage, what the warning says)
+    "truncated-safetensors": (".safetensors", _truncate, "bytes where"),
+    "random-safetensors": (".safetensors", _random_bytes, "not a readable safetensors file"),
+    "truncated-json": (".json", _truncate, "not valid JSON"),
+    "random-json": (".json", _random_bytes, "not valid JSON"),
+    "missing-safetensors": (".safetensors", os.remove, "is missing"),
+    "missing-json": (".json", os.remove, "is missing"),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory) -> str:
+    """``checkpoint-2`` of a 4-step run that saves every 2 steps (statistics only, no queries)."""
+    out = tmp_path_factory.mktemp("saved")
+    make_trainer(gpt2(), lm_examples(16), out, InfluenceTrainerCallback(config=config("gpt2")), max_steps=4,
+                 per_device_train_batch_size=2, save_strategy="steps", save_steps=2).train()
+    return str(out / "checkpoint-2")
+
+
+def _resume_damaged(saved: str, out, damage: str, strict: bool = False):
+    suffix, harm, _ = DAMAGES[damage]
+    folder = out / "checkpoint-2"
+    shutil.copytree(saved, folder)
+    harm(str(folder / f"influence_state{suffix}"))
+    callback = InfluenceTrainerCallback(config=config("gpt2"), strict=strict)
+    model = gpt2()
+    trainer = make_trainer(model, lm_examples(16), out, callback, max_steps=4, per_device_train_batch_size=2)
+    return callback, model, trainer, str(folder / f"influence_state{suffix}")
+
+
+def test_checkpoint_state_is_written_atomically_as_a_matching_pair(saved_checkpoint):
+    names = sorted(name for name in os.listdir(saved_checkpoint) if name.startswith("influence_state"))
+    assert names == ["influence_state.json", "influence_state.safetensors"]  # no temporary file left
+    state, meta = load_state(saved_checkpoint)
+    assert meta == {"global_step": 2} and state["tracker"]["optimizer_steps"] == 2
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_a_damaged_checkpoint_state_warns_and_statistics_restart(saved_checkpoint, tmp_path, damage):
+    """Training resumes; the warning names the file and the damage; statistics count only the new steps."""
+    callback, model, trainer, path = _resume_damaged(saved_checkpoint, tmp_path, damage)
+    with pytest.warns(UserWarning, match="cannot restore the influence state") as caught:
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    (message,) = [str(w.message) for w in caught if "cannot restore" in str(w.message)]
+    assert path in message and DAMAGES[damage][2] in message
+    assert trainer.state.global_step == 4
+    assert callback.session.tracker.optimizer_steps == 2 and callback.session.tracker.micro_batches == 2
+    assert hooks_left(model) == []
+
+
+@pytest.mark.parametrize("damage", ["truncated-safetensors", "missing-json"])
+def test_a_damaged_checkpoint_state_raises_in_strict_mode(saved_checkpoint, tmp_path, damage):
+    callback, model, trainer, path = _resume_damaged(saved_checkpoint, tmp_path, damage, strict=True)
+    with pytest.raises(StateFileError, match="influence_state"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert hooks_left(model) == []
+
+
 def _assert_trees_equal(got, expected, path="state"):
     if isinstance(expected, torch.Tensor):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9 * float(expected.abs().max() or 1), msg=path)
@@ -395,23 +481,94 @@ def _assert_trees_equal(got, expected, path="state"):
 
 
 # --------------------------------------------------------------------------------- robustness
+@pytest.mark.parametrize("field, value", [
+    ("config", 3), ("task", "causal_lm"), ("queries", 5), ("candidates", 5), ("max_candidates", 0),
+    ("max_candidates", "3"), ("batch_size", 1.5), ("every_n_steps", 0), ("on_save", "yes"), ("on_evaluate", 1),
+    ("at_train_end", None), ("top_k", 0), ("token_sequences", -1), ("top_tokens", True), ("self_influence", "no"),
+    ("collate_fn", 3), ("writer", object()), ("logdir", 3), ("resume_from", 3), ("strict", None)])
+def test_invalid_arguments_fail_at_construction_naming_the_field(field, value):
+    with pytest.raises(ConfigurationError, match=rf"InfluenceTrainerCallback\.{field} must be .*got"):
+        InfluenceTrainerCallback(**{field: value})
+
+
+def test_configuration_flags_do_not_shadow_the_event_methods():
+    callback = InfluenceTrainerCallback(config={"strategy": "kfac"}, on_save=False, on_evaluate=True,
+                                        at_train_end=False)
+    assert (callback.attribute_on_save, callback.attribute_on_evaluate, callback.attribute_at_train_end) == (
+        False, True, False)
+    assert callable(callback.on_save) and callable(callback.on_evaluate)
+    with pytest.raises(ConfigurationError, match="dampnig"):
+        InfluenceTrainerCallback(config={"dampnig": 1.0})
+
+
 class _Boom(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 2:
             raise RuntimeError("boom")
 
 
-def test_no_hook_remains_after_training_or_an_exception(tmp_path):
+def test_no_hook_remains_after_training(tmp_path):
     model = gpt2()
-    make_trainer(model, lm_examples(16), tmp_path / "ok", InfluenceTrainerCallback(config=config("gpt2"))).train()
+    make_trainer(model, lm_examples(16), tmp_path, InfluenceTrainerCallback(config=config("gpt2"))).train()
     assert hooks_left(model) == []
+
+
+def _train_forward_backward(model: torch.nn.Module, examples: list[dict]) -> None:
+    """A training-mode forward and backward outside any Trainer (what a user may run after a crash)."""
+    model.train()
+    model(**Collate()(examples)).loss.backward()
+
+
+def test_after_an_exception_hooks_are_bounded_then_inert_and_training_again_works(tmp_path):
+    """No Trainer event reports an exception: the hooks stay, keep at most MAX_PENDING micro-batches,
+    do nothing after ``close()``, and a second ``trainer.train()`` starts clean and finishes."""
+    items = lm_examples(16)
     model = gpt2()
-    trainer = make_trainer(model, lm_examples(16), tmp_path / "boom", InfluenceTrainerCallback(config=config("gpt2")))
+    callback = InfluenceTrainerCallback(config=config("gpt2"))
+    trainer = make_trainer(model, items, tmp_path / "boom", callback)
     trainer.add_callback(_Boom())
     with pytest.raises(RuntimeError, match="boom"):
         trainer.train()
+    assert callback.session.tracker.optimizer_steps == 2
+    for i in range(MAX_PENDING + 3):
+        _train_forward_backward(model, items[i: i + 2])
+    assert len(callback.inputs.pending) == MAX_PENDING
+    assert callback.session.tracker.optimizer_steps == 2  # nothing was committed outside the Trainer
+
+    callback.close()
     assert hooks_left(model) == []
-    assert "_run_epoch" not in trainer.__dict__
+    _train_forward_backward(model, items[:2])
+    assert len(callback.inputs.pending) == 0
+
+    trainer = make_trainer(model, items, tmp_path / "again", callback)
+    trainer.train()
+    assert trainer.state.global_step == 4 and callback.session.tracker.optimizer_steps == 2 + 4
+    assert hooks_left(model) == []
+    for totals in statistics_of(callback).values():
+        assert torch.isfinite(totals.a_sum).all() and torch.isfinite(totals.s_sum).all()
+
+
+def test_a_second_train_after_an_exception_drops_the_uncommitted_micro_batch(tmp_path):
+    """Crash between a backward and its commit, then ``train()`` again without ``close()``: the
+    statistics equal those of an uninterrupted run that skips the crashed micro-batch's step."""
+
+    class BoomInBackward(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                raise RuntimeError("boom")
+
+    items = lm_examples(4)  # one batch: every step sees the same examples (learning rate 0)
+    model = gpt2()
+    callback = InfluenceTrainerCallback(config=config("gpt2"))
+    trainer = make_trainer(model, items, tmp_path / "boom", BoomInBackward(), num_train_epochs=2)
+    trainer.add_callback(callback)  # after the failing callback: step 2's statistics are never committed
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    make_trainer(model, items, tmp_path / "again", callback).train()
+    reference = InfluenceTrainerCallback(config=config("gpt2"))
+    make_trainer(gpt2(), items, tmp_path / "reference", reference, num_train_epochs=2).train()
+    assert callback.session.tracker.optimizer_steps == reference.session.tracker.optimizer_steps == 2
+    assert_statistics_close(statistics_of(callback), statistics_of(reference))
 
 
 def test_loss_scale_is_worked_out_only_on_statistics_steps(tmp_path, monkeypatch):

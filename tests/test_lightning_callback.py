@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import infl_plugin as ip
 from infl_plugin.artifacts import read_artifacts
 from infl_plugin.integrations.lightning import InfluenceCallback, InfluenceCallbackConfig
+from infl_plugin.reporting import signed_log_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "lightning"
@@ -187,12 +188,13 @@ def test_tensorboard_tags_and_artifacts_agree(tmp_path):
         assert len(rows) == 2 * 3  # k helpful rows then k harmful rows
         logged = [int(r.split("|")[2]) for r in rows]
         assert logged == last["helpful_indices"][q].tolist() + last["harmful_indices"][q].tolist()
-        scalar = acc.Scalars(f"influence_top/query_{q:03d}/helpful_1")[-1]
+        top_1 = int(last["helpful_indices"][q, 0])  # tracked from the attribution where it entered the top
+        scalar = acc.Scalars(f"influence_tracked/query_{q:03d}/example_{top_1:05d}")[-1]
         assert scalar.step == 2 * steps and scalar.value == pytest.approx(float(last["helpful_scores"][q, 0]), rel=1e-6)
         assert f"influence_examples/query_{q:03d}" in tags["images"]
-        histogram = acc.Histograms(f"influence_scores/query_{q:03d}")[-1]
+        histogram = acc.Histograms(f"influence_score_log10/query_{q:03d}")[-1]
         assert histogram.histogram_value.num == last["num_candidates"] == N_TRAIN
-        np.testing.assert_allclose(histogram.histogram_value.sum, last["scores"][q].sum(), rtol=1e-4)
+        np.testing.assert_allclose(histogram.histogram_value.sum, signed_log_scores(last["scores"][q]).sum(), rtol=1e-4)
     assert {"influence_plots/score_ccdf", "influence_plots/layer_shares"} <= set(tags["images"])
     assert "influence/self_influence/text_summary" in tags["tensors"]
     assert last["config"] == EVERY_STEP.to_dict()
@@ -273,7 +275,8 @@ def test_no_hook_remains_after_fit_teardown_or_exception(tmp_path):
 
 def test_loss_scale_is_worked_out_only_on_statistics_steps(tmp_path):
     """With ``update_every=3`` over 6 steps, steps 0 and 3 feed the statistics: only they need the
-    loss scale (a device sync for token counts and the AMP scale), and they get it."""
+    loss scale (a device sync for token counts and the AMP scale), and they get it; step 0 reads it
+    once more for the one-time check that the training loss is a mean."""
     class CountingTask(ip.ClassificationTask):
         calls = 0
 
@@ -283,7 +286,7 @@ def test_loss_scale_is_worked_out_only_on_statistics_steps(tmp_path):
 
     callback = _callback(task=CountingTask(), config=ip.InfluenceConfig(update_every=3), at_train_end=False)
     _trainer(tmp_path, [callback]).fit(Net())
-    assert CountingTask.calls == 2
+    assert CountingTask.calls == 2 + 1
     assert callback.session.tracker.updates == 2
 
 

@@ -3,16 +3,21 @@
 `DigitsDataModule` splits the 1,797 images into train / val (fixed seed), standardises pixels and
 flips the labels of ``num_mislabeled`` training images to another class (recorded in
 ``mislabeled``). `DigitsClassifier` is a small MLP trained with mean cross-entropy, the loss
-`infl_plugin.ClassificationTask` assumes.
+`infl_plugin.ClassificationTask` assumes. `mislabel_report` says where the planted images rank.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Sequence
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from infl_plugin import AttributionResult
 
 
 class DigitsDataModule(pl.LightningDataModule):
@@ -53,6 +58,31 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=256)
+
+
+def mislabel_report(result: AttributionResult, planted: Sequence[int], logdir: str) -> str:
+    """Where the planted mislabeled images rank in ``result`` (an attribution with self-influence),
+    and the TensorBoard command and tags to look at."""
+    planted = set(int(i) for i in planted)
+    lines = [f"Planted mislabeled training images: {sorted(planted)} ({len(planted)} of {result.num_candidates})."]
+    if result.self_scores is not None:
+        order = result.candidate_indices[result.self_scores.nan_to_num(float("-inf")).argsort(descending=True)]
+        found = []
+        for percent in (1, 5, 10):
+            top = set(order[: math.ceil(percent / 100 * len(order))].tolist())
+            found.append(f"{len(planted & top)} in the top {percent} % ({len(top)} examples)")
+        lines.append(f"Self-influence at step {result.step}: " + ", ".join(found)
+                     + f" (chance: {len(planted) / 100:.2g}, {len(planted) / 20:.2g}, {len(planted) / 10:.2g}).")
+    harmful = planted & set(result.harmful_indices.reshape(-1).tolist())
+    lines.append(f"Among the queries' top-{result.top_k} most harmful examples: {len(harmful)} of {len(planted)} "
+                 f"{sorted(harmful)}.")
+    lines += [
+        f"Look: tensorboard --logdir {logdir}",
+        "  TEXT   influence/self_influence            the ranked list (rank, index, self-influence, top %, label)",
+        "  IMAGES influence_examples/self_influence   those images with their (possibly wrong) labels",
+        "  TEXT   influence/query_000 ...             each validation query's most helpful / harmful examples",
+    ]
+    return "\n".join(lines)
 
 
 class DigitsClassifier(pl.LightningModule):
