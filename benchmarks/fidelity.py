@@ -217,18 +217,18 @@ def lds_rows(kind: str, seeds: list[int]) -> tuple[list[list], list[list]]:
             add(results, name + " (LDS)", gt.lds(scores, truth))
         for key, value in post.items():
             add(exact, f"post-hoc EK-FAC, {key[0]} Fisher, {key[1]} draw(s), damping heuristic", value)
-        # exact GGN at the final parameters, damping 0.1 × its mean eigenvalue (the heuristic, whole matrix)
+        # exact GGN at the final parameters, damping λ = l2 (G + λI: the GGN of the regularised objective)
         view = gt.Flat(model)
         flat = view.get()
         ggn = gt.dense_ggn(view, flat, x, kind=kind)
-        damping = 0.1 * float(ggn.diagonal().mean())
+        damping = L2
         exact_scores = gt.exact_scores(ggn, damping, gt.per_example_grads(view, flat, xq, yq, kind),
                                        gt.per_example_grads(view, flat, x, y, kind))
-        add(exact, "exact GGN (dense), damping 0.1 × mean eigenvalue", gt.lds(exact_scores, truth))
+        add(exact, f"exact GGN (dense), damping {damping:g}", gt.lds(exact_scores, truth))
         for draws in (1, 8):
             config = ip.InfluenceConfig(fisher="sampled", fisher_samples=draws, damping=damping)
             scores = ip.Attributor(model, task, ip.fit_factors(model, task, batches, config), config).pairwise_scores(queries, batches)
-            add(exact, f"post-hoc EK-FAC, sampled Fisher, {draws} draw(s), same damping as the GGN", gt.lds(scores, truth))
+            add(exact, f"post-hoc EK-FAC, sampled Fisher, {draws} draw(s), damping {damping:g}", gt.lds(scores, truth))
         print(f"{kind} seed {seed}: post-hoc {post}", flush=True)
     mean = lambda v: sum(v) / len(v)  # noqa: E731
     tracked_rows = [[name, mean(results[name + " (LDS)"]), f"{mean(results[name]):+.3f}",

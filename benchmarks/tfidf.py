@@ -6,7 +6,7 @@ and "lambda" held out) and its GPT-2 (4 layers, width 64), trained here with a p
 (batch 16, learning rate 3e-3). Queries: the example's three prompt + completion queries and every
 passage of the held-out topics. At the final parameters, EK-FAC factors are fitted on the training
 passages and every query is scored against every passage (``candidates="all"``); per query the
-top 10 by score (most helpful) and by |score| (most influential either way) are the reference.
+top 10 by score (most helpful) and by absolute score (most influential either way) are the reference.
 ``candidates="tfidf"`` keeps per query the N passages most similar by TF-IDF (scikit-learn, word
 unigrams of the decoded text, as `infl_plugin.candidates` does with a tokenizer); the table gives
 the share of the reference top 10 inside those N, averaged over queries, next to the share a random
@@ -106,7 +106,7 @@ def main() -> None:
             f"{len(held_out)} held-out passages), {args.epochs} epoch(s) of AdamW; EK-FAC on the 16 Conv1D layers. "
             f"Training {trained_s:.0f}s, factors + full scoring {scored_s:.0f}s.\n\n"
             + table(["TF-IDF candidates N per query", "N / passages", "top-10 helpful recovered",
-                     "top-10 by |score| recovered", "random N (expected)"], rows)
+                     "top-10 by abs(score) recovered", "random N (expected)"], rows)
             + "\n\nReading: TF-IDF keeps the passages sharing rare words with the query. Its recall of the "
               "influence top 10 is the price of skipping the other passages; the paper applies it to pick "
               "~10k candidates out of a pre-training corpus, where scoring everything is out of reach.")

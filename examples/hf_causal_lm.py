@@ -14,7 +14,7 @@ over layers. Nothing is downloaded; about 3 minutes on 2 CPU cores.
 
 TensorBoard: TEXT ``influence/query_000`` (top passages), ``influence_tokens/query_000`` (passages
 with tokens marked); IMAGES ``influence_token_heatmaps/…``, ``influence_layers/…``,
-``influence_plots/score_ccdf``; SCALARS ``influence_top/…`` next to the Trainer's ``train/loss``.
+``influence_plots/score_ccdf``; SCALARS ``influence_tracked/…`` next to the Trainer's ``train/loss``.
 """
 
 from __future__ import annotations

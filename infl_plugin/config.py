@@ -117,7 +117,7 @@ class InfluenceConfig(metaclass=_KnownFields):
     fisher_samples: int = 1
     half_life: Optional[float] = None
     statistics_fraction: float = 1.0
-    min_statistics_steps: int = 1
+    min_statistics_steps: int = 8
 
     def __post_init__(self) -> None:
         _choice("strategy", self.strategy, STRATEGIES)

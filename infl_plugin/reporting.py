@@ -21,10 +21,11 @@ Where things land in TensorBoard (the part of a tag before the first ``/`` is it
   (per layer) and ``influence_plots/layer_depth`` (layers in depth bins, bottom to top).
 * **Histograms / Distributions** — ``influence_score_log10/query_{q:03d}``: every score of the
   query as ``sign(s) · log10(1 + |s| / median|s|)``, readable despite heavy tails.
-* **Scalars** — ``influence_tracked/query_{q:03d}/example_{i:05d}``: the raw score of training
-  example i at each attribution, for every example that was in the query's top ``scalar_ranks``
-  helpful or harmful at some attribution (one line = one example); ``influence_tracked/
-  self_influence/example_{i:05d}`` likewise; ``influence_stats/topk_jaccard/query_{q:03d}``:
+* **Scalars** — ``influence_tracked/query_{q:03d}/example_{i:05d}``: training example i's share of
+  the query's Σ|score| (signed, %) at each attribution, for every example that was in the query's
+  top ``scalar_ranks`` helpful or harmful at some attribution (one line = one example; shares
+  compare across steps while raw scores swing in scale); ``influence_tracked/
+  self_influence/example_{i:05d}``: share of Σ self-influence, likewise; ``influence_stats/topk_jaccard/query_{q:03d}``:
   overlap of the query's top-k (helpful ∪ harmful) with the previous attribution's;
   ``influence_stats/tail_exponent/query_{q:03d}``, ``duration_s``, ``num_candidates``.
 
@@ -266,6 +267,7 @@ def _truncate(text: str, max_chars: int) -> str:
 
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|])")
 _WHITESPACE = re.compile(r"\s+")
+_SYMBOL_RUN = re.compile(r"([^\w\s])\1{3,}")  # "*****" rulers shortened to "***" in table previews
 
 
 def escape_markdown(text: str) -> str:
@@ -375,14 +377,15 @@ class TensorBoardReporter:
         max_grid: at most this many examples per direction in an image grid.
         max_queries: log per-query views (tables, grids, histograms, scalars) for at most this
             many queries; the CCDF and layer figures always use every query.
-        table_chars: example text in tables is cut to this many characters.
+        table_chars: example text in tables is cut to this many characters (a preview: longer ones
+            squeeze the numeric columns until they wrap at TensorBoard's usual widths).
         max_tracked: at most this many tracked examples per query.
         layer_bins: depth bins of the ``layer_depth`` figure.
     """
 
     def __init__(self, writer: Any = None, renderer: Union[str, Renderer, Callable, None] = "auto",
                  image_shape: Optional[Sequence[int]] = None, scalar_ranks: int = 3, max_grid: int = 8,
-                 max_queries: int = 32, table_chars: int = 80, max_tracked: int = 24, layer_bins: int = 8) -> None:
+                 max_queries: int = 32, table_chars: int = 40, max_tracked: int = 24, layer_bins: int = 8) -> None:
         self.writer = writer
         self.renderer = make_renderer(renderer, image_shape)
         self.scalar_ranks = scalar_ranks
@@ -483,12 +486,15 @@ class TensorBoardReporter:
                  "|---:|---:|---:|---:|---:|:---|"]
         for rank, (index, score, change, rendered) in enumerate(
                 zip(indices.tolist(), scores.tolist(), changes.tolist(), shown), start=1):
-            if images:
-                cell = "–" if rendered.label is None else markdown_cell(str(rendered.label))
-            else:
-                cell = markdown_cell(rendered.text, self.table_chars)
+            cell = self.example_cell(rendered, images)
             lines.append(f"| {rank} | {index} | {score:.3g} | {100 * score / total:+.2f}% | {change:+.3g} | {cell} |")
         return "\n".join(lines)
+
+    def example_cell(self, rendered: Rendered, images: bool) -> str:
+        """The last cell of a table row: the label when the table shows images, else a text preview."""
+        if images:
+            return "–" if rendered.label is None else markdown_cell(str(rendered.label))
+        return markdown_cell(_SYMBOL_RUN.sub(r"\1\1\1", rendered.text), self.table_chars)
 
     def query_heading(self, result: AttributionResult, q: int, query: Rendered) -> str:
         """``**Query q** · dataset index · label · loss``, then the query's text when it is not an image."""
@@ -498,7 +504,7 @@ class TensorBoardReporter:
         parts.append(f"{markdown_cell(result.measurement_name)} {float(result.measurements[q]):.4g}")
         head = " · ".join(parts)
         if query.image is None:
-            head += "\n\n> " + markdown_cell(query.text, 4 * self.table_chars)
+            head += "\n\n> " + markdown_cell(query.text, 400)
         return head
 
     def log_tables(self, result: AttributionResult, source: Optional[ExampleSource], step: int,
@@ -533,10 +539,7 @@ class TensorBoardReporter:
         lines = [f"| rank | index | self-influence | top % | {'label' if images else 'example'} |",
                  "|---:|---:|---:|---:|:---|"]
         for rank, (index, value, rendered) in enumerate(zip(indices.tolist(), values.tolist(), shown), start=1):
-            if images:
-                cell = "–" if rendered.label is None else markdown_cell(str(rendered.label))
-            else:
-                cell = markdown_cell(rendered.text, self.table_chars)
+            cell = self.example_cell(rendered, images)
             lines.append(f"| {rank} | {index} | {value:.4g} | {100 * rank / n:.2g}% | {cell} |")
         return (f"**Training examples ranked by self-influence** ∇L(z)ᵀ(G+λI)⁻¹∇L(z), {n} scored. Mislabeled "
                 f"or atypical examples rank high: inspect the top 1 % ({math.ceil(0.01 * n)} examples) first, then "
@@ -619,8 +622,9 @@ class TensorBoardReporter:
 
     # ----------------------------------------------------------------------------- over training
     def log_history(self, result: AttributionResult, step: int) -> None:
-        """Scores of each query's tracked examples (one scalar series per example), the top-k overlap
-        with the previous attribution, and a figure per query of the tracked examples' shares."""
+        """Shares of each query's tracked examples (one scalar series per example: its score as % of
+        the query's Σ|score|, comparable across steps whatever the raw scale), the top-k overlap with
+        the previous attribution, and a figure per query of those series."""
         position = {int(index): n for n, index in enumerate(result.candidate_indices.tolist())}
         ranks = min(self.scalar_ranks, result.top_k)
         for q in range(min(result.num_queries, self.max_queries)):
@@ -637,7 +641,7 @@ class TensorBoardReporter:
             for example in tracked.values():
                 if example.steps and example.steps[-1] == step:
                     self.writer.add_scalar(self.tag("influence_tracked", f"query_{q:03d}/example_{example.index:05d}"),
-                                           example.values[-1], global_step=step)
+                                           example.shares[-1], global_step=step)
             top = result.helpful_indices[q].tolist() + result.harmful_indices[q].tolist()
             overlap = self.history.overlap(f"query_{q:03d}", top)
             if overlap is not None:
@@ -661,7 +665,7 @@ class TensorBoardReporter:
             for example in tracked.values():
                 if example.steps and example.steps[-1] == step:
                     self.writer.add_scalar(self.tag("influence_tracked", f"self_influence/example_{example.index:05d}"),
-                                           example.values[-1], global_step=step)
+                                           example.shares[-1], global_step=step)
 
     def log_scalars(self, result: AttributionResult, step: int) -> None:
         for q in range(min(result.num_queries, self.max_queries)):

@@ -143,6 +143,18 @@ def group_layers(per_layer: torch.Tensor, layer_names: Sequence[str]) -> tuple[t
     return out, unique
 
 
+def strip_common_prefix(names: Sequence[str]) -> list[str]:
+    """Names without the dotted prefix they all share, up to a block index's name
+    (``transformer.h.0.mlp``, ``transformer.h.1.attn`` → ``h.0.mlp``, ``h.1.attn``)."""
+    parts = [name.split(".") for name in names]
+    common = 0
+    while len(names) > 1 and all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    if common and parts[0][common].isdigit():  # keep the name a block index belongs to ("h.0", not "0")
+        common -= 1
+    return [".".join(p[common:]) for p in parts]
+
+
 def _figure(size: tuple[float, float]):
     """A pyplot-free matplotlib figure (Agg canvas; the user's backend is left alone)."""
     from matplotlib.figure import Figure
@@ -174,6 +186,7 @@ def layer_heatmap_figure(
     names = list(layer_names)
     if values.shape[0] > max_rows:
         values, names = group_layers(values, names)
+    names = strip_common_prefix(names)
     if normalize:
         values = values / values.abs().sum(0, keepdim=True).clamp(min=1e-300)
     k = values.shape[1]
@@ -226,7 +239,7 @@ def token_heatmap_figure(
         values = values.detach().double().cpu().tolist()
         for start in range(0, max(len(tokens), 1), width):
             lines.append((i, list(tokens[start: start + width]), values[start: start + width]))
-    cell_w, line_h, label_h, bar_h = 0.36, 0.2, 0.24, 0.75
+    cell_w, line_h, label_h, bar_h = 0.31, 0.2, 0.24, 0.75
     content_h = line_h * len(lines) + label_h * len(rows) + (0.3 if title else 0.1)
     fig_w, fig_h = cell_w * width + 0.2, content_h + bar_h
     fig = _figure((fig_w, fig_h))
@@ -436,7 +449,11 @@ class TokenReporter(TensorBoardReporter):
                                     top_tokens=self.top_tokens, labels=labels)
                 head = (f"**Query {q}** (dataset index {int(result.query_indices[q])}): the {n} most helpful and "
                         f"most harmful training sequences, their {self.top_tokens} most influential tokens marked "
-                        "(**bold** = helpful, *italic* = harmful, superscript = rank).\n\n")
+                        "(**bold** = helpful, *italic* = harmful, superscript = rank).")
+                if result.candidate_mode == "stream":
+                    head += (" Token scores are computed at this checkpoint; the tables' scores were streamed while "
+                             "training on each sequence, so the two can differ.")
+                head += "\n\n"
                 self.add_markdown(self.tag("influence_tokens", f"query_{q:03d}"), head + views.markdown, step)
                 helpful_views = views.subset(range(n))
                 self.add_figure(self.tag("influence_token_heatmaps", f"query_{q:03d}"),
@@ -458,4 +475,5 @@ __all__ = [
     "token_views",
     "top_token_positions",
     "clip_token",
+    "strip_common_prefix",
 ]

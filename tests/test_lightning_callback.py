@@ -102,14 +102,16 @@ def _post_hoc(module: Net, batch_size: int = BATCH, config: ip.InfluenceConfig |
 
 
 # ------------------------------------------------------------------------------------ training unchanged
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_training_is_bit_for_bit_unchanged(tmp_path, accumulate):
-    """Dropout and a globally-seeded shuffle make any stray RNG draw or mode change visible."""
+@pytest.mark.parametrize("accumulate, fisher", [(1, "sampled"), (2, "sampled"), (1, "empirical")])
+def test_training_is_bit_for_bit_unchanged(tmp_path, accumulate, fisher):
+    """Dropout and a globally-seeded shuffle make any stray RNG draw or mode change visible
+    (the sampled Fisher's extra passes; the empirical Fisher's one-time check of the loss's
+    reduction, an extra forward)."""
     results = []
     for with_callback in (False, True):
         pl.seed_everything(0)
         module = Net(dropout=0.3, shuffle=True)
-        config = ip.InfluenceConfig(fisher="sampled", update_every=1)
+        config = ip.InfluenceConfig(fisher=fisher, update_every=1)
         callbacks = [_callback(every_n_steps=1, self_influence=True, config=config)] if with_callback else []
         _trainer(tmp_path, callbacks, epochs=2, accumulate_grad_batches=accumulate).fit(module)
         results.append(_parameters(module))
@@ -190,7 +192,8 @@ def test_tensorboard_tags_and_artifacts_agree(tmp_path):
         assert logged == last["helpful_indices"][q].tolist() + last["harmful_indices"][q].tolist()
         top_1 = int(last["helpful_indices"][q, 0])  # tracked from the attribution where it entered the top
         scalar = acc.Scalars(f"influence_tracked/query_{q:03d}/example_{top_1:05d}")[-1]
-        assert scalar.step == 2 * steps and scalar.value == pytest.approx(float(last["helpful_scores"][q, 0]), rel=1e-6)
+        share = 100 * float(last["helpful_scores"][q, 0]) / float(np.abs(last["scores"][q]).sum())
+        assert scalar.step == 2 * steps and scalar.value == pytest.approx(share, rel=1e-5)
         assert f"influence_examples/query_{q:03d}" in tags["images"]
         histogram = acc.Histograms(f"influence_score_log10/query_{q:03d}")[-1]
         assert histogram.histogram_value.num == last["num_candidates"] == N_TRAIN
@@ -303,6 +306,82 @@ def test_bad_batch_is_skipped_counted_and_warned(tmp_path):
     with pytest.warns(UserWarning, match="skipped"):
         _trainer(tmp_path, [callback]).fit(NaNOnce(lr=0.0))
     assert callback.session.skipped_batches == 1
+
+
+def _covariances(callback: InfluenceCallback) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    statistics = callback.session.tracker.statistics
+    return {name: statistics.covariance(name) for name in statistics.totals}
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_sum_reduced_training_loss_is_detected_and_undone(tmp_path, accumulate):
+    """A ``training_step`` returning a summed cross-entropy makes every captured gradient B times
+    the assumed mean's: the callback compares the loss Lightning backpropagates with the task's
+    losses on the first statistics micro-batch, warns once, and its statistics equal those of the
+    mean-loss run (lr = 0: same θ; float32 sums, relative 1e-5). ``strict=True`` refuses it."""
+
+    class Summed(Net):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x), y, reduction="sum")
+
+    mean = _callback(at_train_end=False)
+    pl.seed_everything(0)
+    _trainer(tmp_path, [mean], accumulate_grad_batches=accumulate).fit(Net(lr=0.0))
+    assert mean.session.loss_reduction == "mean"
+    summed = _callback(at_train_end=False, strict=False)
+    pl.seed_everything(0)
+    with pytest.warns(UserWarning, match="sum of the per-example losses") as caught:
+        _trainer(tmp_path, [summed], accumulate_grad_batches=accumulate).fit(Summed(lr=0.0))
+    assert sum("sum of the per-example losses" in str(w.message) for w in caught) == 1
+    assert summed.session.loss_reduction == "sum" and summed.session.skipped_batches == 0
+    for name, (a, s) in _covariances(mean).items():
+        torch.testing.assert_close(_covariances(summed)[name][0], a, rtol=1e-5, atol=0.0)
+        torch.testing.assert_close(_covariances(summed)[name][1], s, rtol=1e-5, atol=0.0)
+    with pytest.raises(ValueError, match="strict"):
+        _trainer(tmp_path, [_callback(at_train_end=False)]).fit(Summed(lr=0.0))
+
+
+# ------------------------------------------------------------------------------------ data
+class Bare(pl.LightningModule):
+    """A module with no ``*_dataloader()`` method: the loaders are given to ``fit``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("validation", [True, False])
+def test_val_queries_come_from_the_loader_given_to_fit(tmp_path, validation):
+    """``trainer.fit(model, train_loader, val_loader)`` with ``queries="val"``: the queries are the
+    validation loader's examples, whether Lightning runs validation (the trainer's public
+    ``val_dataloaders``) or not (``limit_val_batches=0``: the loader given to ``fit``)."""
+    train_set, val_set = _data()
+    callback = _callback(num_queries=3)
+    trainer = _trainer(tmp_path, [callback], limit_val_batches=None if validation else 0)
+    trainer.fit(Bare(), DataLoader(train_set, batch_size=BATCH), DataLoader(val_set, batch_size=4))
+    assert callback.session.source.query_dataset is val_set
+    assert callback.session.last_result.num_queries == 3 and callback.session.attributions == 1
+
+
+def test_test_queries_without_a_test_loader_name_the_split(tmp_path):
+    train_set, _ = _data()
+    with pytest.raises(ValueError, match=r"queries='test'.*test_dataloader"):
+        _trainer(tmp_path, [_callback(queries="test")]).fit(Bare(), DataLoader(train_set, batch_size=BATCH))
 
 
 # ------------------------------------------------------------------------------------ configuration

@@ -144,7 +144,7 @@ def test_reporter_logs_every_view(tmp_path):
         assert tracked == {f"influence_tracked/query_{q:03d}/example_{i:05d}" for i in expected}
         index = int(result.helpful_indices[q, 0])
         value = acc.Scalars(f"influence_tracked/query_{q:03d}/example_{index:05d}")[-1].value
-        assert value == pytest.approx(float(result.helpful_scores[q, 0]), rel=1e-6)
+        assert value == pytest.approx(100 * float(result.helpful_scores[q, 0]) / total, rel=1e-5)  # share in %
     assert {"influence_plots/score_ccdf", "influence_plots/layer_shares", "influence_plots/layer_depth",
             "influence_examples/self_influence"} <= set(tags["images"])
     self_rows = _table_rows(_text(acc, "influence/self_influence"))
@@ -182,7 +182,7 @@ def test_markdown_special_characters_render_literally():
 
 
 def test_tracked_examples_and_overlap_follow_fixed_examples(tmp_path):
-    """A second attribution logs the scores of every example tracked so far (from the full score
+    """A second attribution logs the share of every example tracked so far (from the full score
     matrix, not ranks), and the top-k Jaccard overlap with the first attribution."""
     first, second = _result(step=10, seed=1, k=3), _result(step=20, seed=2, k=3)
     writer = SummaryWriter(str(tmp_path))
@@ -200,7 +200,8 @@ def test_tracked_examples_and_overlap_follow_fixed_examples(tmp_path):
         for i in (int(first.helpful_indices[q, 0]), int(first.harmful_indices[q, 0])):  # tracked since step 10
             events = acc.Scalars(f"influence_tracked/query_{q:03d}/example_{i:05d}")
             assert [e.step for e in events] == [10, 20]
-            assert events[1].value == pytest.approx(float(second.scores[q, position[i]]), rel=1e-6)
+            share = 100 * float(second.scores[q, position[i]]) / float(second.scores[q].abs().sum())
+            assert events[1].value == pytest.approx(share, rel=1e-5)
         top = lambda r: set(r.helpful_indices[q].tolist() + r.harmful_indices[q].tolist())  # noqa: E731
         a, b = top(first), top(second)
         overlap = acc.Scalars(f"influence_stats/topk_jaccard/query_{q:03d}")

@@ -15,8 +15,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import infl_plugin as ip
-from infl_plugin.token_report import (TokenViews, decode_tokens, escape_markdown, layer_groups, layer_heatmap_figure,
-                                      mark_tokens_markdown, token_heatmap_figure, token_views, top_token_positions)
+from infl_plugin.token_report import (TokenViews, clip_token, decode_tokens, escape_markdown, layer_groups,
+                                      layer_heatmap_figure, mark_tokens_markdown, strip_common_prefix,
+                                      token_heatmap_figure, token_views, top_token_positions)
 
 from reference import layer_matrix_grad
 
@@ -165,6 +166,16 @@ def test_layer_groups_and_figures():
     assert len(fig.axes[0].get_yticklabels()) == 3
     fig = token_heatmap_figure([["a", "b"], ["c"]], [torch.tensor([1.0, -1.0]), torch.tensor([0.0])], ["x", "y"])
     assert fig.axes
+    assert strip_common_prefix(names[:3]) == ["h.0.attn.c_attn", "h.0.mlp.c_fc", "h.11.mlp.c_proj"]
+
+
+def test_heatmap_cells_mark_cut_tokens_and_have_a_colour_legend():
+    assert clip_token(" namespace", 7) == "namesp…" and clip_token(" with", 7) == "with"
+    assert clip_token(" ", 7) == "␣" and clip_token("a\n", 7) == "a↵"
+    fig = token_heatmap_figure([[" namespace", " x"]], [torch.tensor([2.0, -1.0])], ["#1"])
+    cells, legend = fig.axes
+    assert "namesp…" in [t.get_text() for t in cells.texts]
+    assert "red = helpful" in legend.get_xlabel() and "blue = harmful" in legend.get_xlabel()
 
 
 def test_decode_tokens_with_a_tokenizer():

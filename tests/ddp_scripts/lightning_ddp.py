@@ -1,14 +1,14 @@
 """Lightning fits with `InfluenceCallback` on the same global batches, alone or under DDP.
 
-Launched by ``tests/test_distributed.py`` as ``torchrun --nproc_per_node 2 lightning_ddp.py OUT MODE``
+Launched by ``tests/test_distributed.py`` as ``torchrun --nproc_per_node 2 lightning_ddp.py OUT``
 (gloo on CPU; Lightning picks up the torchrun environment) and imported by it for the
 single-process reference. Each global batch of ``GLOBAL_BATCH`` rows is split between the ranks
 in order (`RankBatches`; ``use_distributed_sampler=False``), so with equal per-rank batches DDP's
 gradient average equals one process's batch mean and both runs see the same training.
 
-Modes:
+Fits, one after the other in the same processes:
 
-* ``compare``: three fits (``logger=False``, a ``CSVLogger``, a ``TensorBoardLogger``), each
+* ``compare`` (named after their logger): three fits (``logger=False``, a ``CSVLogger``, a ``TensorBoardLogger``), each
   attributing every 2 of 8 steps with the validation loader given to ``fit`` as queries.
 * ``skip``: rank 1's statistics of its first micro-batch are refused (a NaN loss scale) while
   rank 0's are kept, and an attribution follows at once (every step).
@@ -109,7 +109,8 @@ def fit(root: Path, name: str, logger: Any, world: int, rank: int, mode: str = "
     skip = mode == "skip"
     callback = InfluenceCallback(
         config=ip.InfluenceConfig(update_every=1), task=RefuseFirstBatchOn(rank=1) if skip else "classification",
-        queries="val", num_queries=4, every_n_steps=1 if skip else 2, top_k=3, progress=False, strict=not skip,
+        queries="val", num_queries=4, candidates="all", every_n_steps=1 if skip else 2, top_k=3, progress=False,
+        strict=not skip,
     )
     strategy = "ddp" if world > 1 else "auto"
     trainer = pl.Trainer(
@@ -142,10 +143,10 @@ def loggers(root: Path) -> dict[str, Any]:
     return {"none": False, "csv": CSVLogger(str(root / "csv")), "tensorboard": TensorBoardLogger(str(root / "tb"))}
 
 
-def main(out: Path, mode: str) -> None:
+def main(out: Path) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    runs = loggers(out) if mode == "compare" else {"skip": False}
-    for name, logger in runs.items():
+    runs = [(name, logger, "compare") for name, logger in loggers(out).items()] + [("skip", False, "skip")]
+    for name, logger, mode in runs:
         report = fit(out, name, logger, world, rank, mode)
         if rank == 0:
             torch.save({k: v for k, v in report.items() if k != "warnings"}, out / f"{name}.pt")
@@ -155,4 +156,4 @@ def main(out: Path, mode: str) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main(Path(sys.argv[1]), sys.argv[2])
+    main(Path(sys.argv[1]))

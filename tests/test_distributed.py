@@ -1,0 +1,147 @@
+"""Two CPU processes (gloo) launched with torchrun: Lightning DDP and the Hugging Face Trainer with
+the influence callbacks finish (a deadlock fails the test at its timeout instead of hanging CI) and
+give the statistics, factors and scores of one process trained on the same global batches."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+import infl_plugin as ip
+from infl_plugin.artifacts import read_artifacts
+
+SCRIPTS = Path(__file__).resolve().parent / "ddp_scripts"
+TIMEOUT_S = 300  # a healthy 2-process run takes 10-40 s on 2 cores; a deadlock never ends
+
+
+def _script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"ddp_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def torchrun(script: str, *args: str, cwd: Path, processes: int = 2) -> str:
+    """Run ``script`` under ``torch.distributed.run``; fail (killing the process group) on a
+    non-zero exit or after `TIMEOUT_S`. Returns the combined output."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               str(SCRIPTS / f"{script}.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"{script} {' '.join(args)} did not finish within {TIMEOUT_S}s (a deadlock?):\n{output[-4000:]}")
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+def _ranks(out: Path, name: str) -> list[dict]:
+    return [json.loads((out / f"{name}_rank{r}.json").read_text()) for r in range(2)]
+
+
+def _assert_same_operator(a: ip.Factors, b: ip.Factors, rtol: float) -> None:
+    """Both factors apply the same (G + λI)⁻¹ to random matrices (eigenvectors themselves are only
+    defined up to sign and rotation within repeated eigenvalues)."""
+    g = torch.Generator().manual_seed(0)
+    for name, shape in a.shapes.items():
+        v = torch.randn(5, *shape, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(a.precondition(name, v), b.precondition(name, v), rtol=rtol, atol=0.0)
+
+
+def _assert_same_statistics(a: dict, b: dict, rtol: float) -> None:
+    """Summed statistics (``CurvatureStatistics.state_dict``): equal counts, sums within ``rtol``."""
+    assert a["layers"].keys() == b["layers"].keys()
+    for name, layer in a["layers"].items():
+        for key, value in layer.items():
+            other = b["layers"][name][key]
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(value, other, rtol=rtol, atol=rtol * float(value.abs().max()), msg=name + key)
+            else:
+                assert value == other, (name, key)
+
+
+# ------------------------------------------------------------------------------------ Lightning
+@pytest.fixture(scope="module")
+def lightning_runs(tmp_path_factory) -> Path:
+    """One torchrun launch for all Lightning fits (see ``ddp_scripts/lightning_ddp.py``)."""
+    out = tmp_path_factory.mktemp("lightning_ddp")
+    torchrun("lightning_ddp", str(out), cwd=out)
+    return out
+
+
+@pytest.mark.slow
+def test_lightning_ddp_equals_one_process_on_the_same_global_batches(lightning_runs, tmp_path):
+    """Under ``logger=False``, a CSVLogger and a TensorBoardLogger (each once hung in ``setup`` on
+    a rank-0-only ``trainer.log_dir``), with the validation loader of ``fit(model, train, val)`` as
+    queries. Each rank trains on half of each global batch of 8, the reference process on all 8:
+    DDP's gradient average equals the reference's batch mean, the summed statistics equal the
+    reference's. Tolerances: float32 sums over 4 vs 8 rows in another order and SGD trajectories
+    that agree to rounding: relative 1e-4 on the statistics; 1e-3 on operators and scores, since
+    (Λ + λ)⁻¹ amplifies the rounding of the smallest eigenvalues (2e-4 seen)."""
+    lightning_ddp = _script("lightning_ddp")
+    reference = lightning_ddp.fit(tmp_path / "single", "single", False, world=1, rank=0)
+    assert reference["last_step"] == 8 and reference["attributions"] == 4
+    for name in ("none", "csv", "tensorboard"):
+        run = torch.load(lightning_runs / f"{name}.pt", weights_only=False)
+        for rank in _ranks(lightning_runs, name):
+            assert (rank["steps"], rank["attributions"], rank["failed_attributions"], rank["skipped_batches"]) == (8, 4, 0, 0)
+        assert run["last_step"] == 8
+        for p, q in zip(run["parameters"], reference["parameters"]):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        _assert_same_statistics(run["state"]["tracker"]["statistics"], reference["state"]["tracker"]["statistics"], 1e-4)
+        _assert_same_operator(run["factors"], reference["factors"], rtol=1e-3)
+        scale = float(reference["scores"].abs().max())
+        torch.testing.assert_close(run["scores"], reference["scores"], rtol=1e-3, atol=1e-3 * scale)
+        assert read_artifacts(run["artifact_dir"])["step"].tolist() == [2, 4, 6, 8]
+
+
+@pytest.mark.slow
+def test_lightning_ddp_statistics_skipped_on_one_rank_only(lightning_runs):
+    """Rank 1 refuses its first micro-batch's statistics (NaN loss scale), rank 0 keeps its own,
+    and an attribution follows at once: every rank must take the attribution's branch from the
+    summed statistics (rank 1 alone has none) or one waits in ``all_reduce`` forever."""
+    rank0, rank1 = _ranks(lightning_runs, "skip")
+    assert rank0["steps"] == rank1["steps"] == 4
+    assert rank0["attributions"] == rank1["attributions"] == 4 and rank0["failed_attributions"] == 0
+    assert (rank0["skipped_batches"], rank1["skipped_batches"]) == (0, 1)
+    assert not any("skipped the statistics" in w for w in rank0["warnings"])
+    assert sum("skipped the statistics" in w for w in rank1["warnings"]) == 1
+    run = torch.load(lightning_runs / "skip.pt", weights_only=False)
+    assert run["last_step"] == 4 and torch.isfinite(run["scores"]).all()
+    statistics = run["state"]["tracker"]["statistics"]["layers"]
+    assert all(layer["examples"] == 4 * 8 - 4 for layer in statistics.values())  # 4 steps × 8 rows, less rank 1's 4
+
+
+# ------------------------------------------------------------------------------------ Hugging Face
+@pytest.mark.slow
+def test_huggingface_trainer_two_processes_equal_one_process(tmp_path):
+    """A tiny GPT-2 under ``torchrun --nproc_per_node 2`` (gloo, CPU) with the callback attached:
+    it finishes, both ranks attribute on the same steps, and the statistics summed over the ranks
+    equal those of one process trained on the same global batches (the per-rank loss is normalised
+    by the tokens of both ranks and DDP averages: the same per-example gradients). Tolerances as
+    in the Lightning comparison."""
+    hf_ddp = _script("hf_ddp")
+    torchrun("hf_ddp", str(tmp_path), cwd=tmp_path)
+    reference = hf_ddp.train(tmp_path, "single", world=1)
+    run = torch.load(tmp_path / "ddp.pt", weights_only=False)
+    for rank in _ranks(tmp_path, "ddp"):
+        assert (rank["steps"], rank["attributions"], rank["failed_attributions"], rank["skipped_batches"]) == (4, 2, 0, 0)
+    assert run["last_step"] == reference["last_step"] == 4
+    for p, q in zip(run["parameters"], reference["parameters"]):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    _assert_same_statistics(run["state"]["tracker"]["statistics"], reference["state"]["tracker"]["statistics"], 1e-4)
+    scale = float(reference["scores"].abs().max())
+    torch.testing.assert_close(run["scores"], reference["scores"], rtol=1e-3, atol=1e-3 * scale)
