@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 import warnings
@@ -48,6 +49,7 @@ from common import interleaved, lm_batches, setup_threads, table, tiny_gpt2, wri
 import infl_plugin as ip  # noqa: E402
 
 warnings.filterwarnings("ignore")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 GPT2_MODULES = ["transformer.h.*.attn.c_*", "transformer.h.*.mlp.c_*"]
 BATCH = 8
 NEVER = 10 ** 9  # an interval no run reaches: statistics only on step 0 (a warm-up step)
@@ -329,6 +331,9 @@ def run_fidelity(refresh: bool) -> str:
     other, _, _ = streamed_run(x, y, queries, refresh_every=1, min_statistics_steps=8)
     add("streamed EK-FAC, summed, refresh every step, eigenvalues from >= 8 steps (min_statistics_steps=8)",
         sum(e.dense(N_TRAIN) for e in other))
+    kfac, _, _ = streamed_run(x, y, queries, strategy="kfac")
+    add("streamed K-FAC, summed (strategy=\"kfac\": the covariances so far with their own eigenvalues)",
+        sum(e.dense(N_TRAIN) for e in kfac))
     tracin, _, _ = streamed_run(x, y, queries, strategy="identity", weight="lr")
     add("in-run gradient dot products, lr-weighted (streamed, strategy=\"identity\"; TracIn-style)",
         sum(e.dense(N_TRAIN) for e in tracin))
@@ -340,6 +345,9 @@ def run_fidelity(refresh: bool) -> str:
     tracked = tracker.factors()
     add("checkpoint EK-FAC at the final parameters, tracked factors",
         ip.Attributor(model, task, tracked, tracker.config).pairwise_scores(queries, train))
+    kfac_config = ip.InfluenceConfig(strategy="kfac", accumulation_dtype="float64")
+    add("checkpoint K-FAC at the final parameters (fit_factors)",
+        ip.Attributor(model, task, ip.fit_factors(model, task, train, kfac_config), kfac_config).pairwise_scores(queries, train))
     identity = ip.InfluenceConfig(strategy="identity", accumulation_dtype="float64")
     add("gradient dot products at the final parameters",
         ip.Attributor(model, task, ip.fit_factors(model, task, train, identity), identity).pairwise_scores(queries, train))

@@ -116,6 +116,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         config=ip.InfluenceConfig(strategy="ekfac", module_types=["Conv1D"], update_every=1),
         top_k=10,
         token_sequences=3,
+        candidates="all",  # every passage at each checkpoint; the default "stream" scores them as trained on
     )
     training_args = TrainingArguments(
         output_dir=args.output_dir, num_train_epochs=args.epochs, per_device_train_batch_size=16,
@@ -137,7 +138,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             index, score = int(result.helpful_indices[q, rank]), float(result.helpful_scores[q, rank])
             print(f"  #{rank + 1} passage {index:5d} score {score:+.3g}: {decoded[index].replace(chr(10), ' ')[:100]}")
         verbatim = [i for i, text in enumerate(decoded) if " ".join(completion.split()) in " ".join(text.split())]
-        ranks = [int((result.scores[q] > result.scores[q, i]).sum()) + 1 for i in verbatim]
+        column = {int(i): j for j, i in enumerate(result.candidate_indices)}
+        ranks = [int((result.scores[q] > result.scores[q, column[i]]).sum()) + 1 for i in verbatim if i in column]
         print(f"  passages holding the completion verbatim: {verbatim} rank {ranks} of {len(train)}")
     print(f"\ntensorboard --logdir {os.path.join(args.output_dir, 'runs')}")
     return {"result": result, "train": train, "tokenizer": tokenizer, "queries": queries}

@@ -62,9 +62,9 @@ class InfluenceConfig(metaclass=_KnownFields):
             keeps queries at full rank.
         update_every: accumulate curvature statistics on every n-th optimizer step. Exact
             statistics cost about as much as the tracked layers' forward and backward, so the
-            default 32 keeps tracking to a few percent of training; use 1 for short runs, and keep
-            an attribution interval of about 10 × ``update_every`` steps or more (EK-FAC
-            eigenvalues come from the statistics steps between attributions).
+            default 32 keeps tracking to a few percent of training; use 1 for short runs. EK-FAC
+            eigenvalues come from the statistics steps between attributions: with fewer than
+            ``min_statistics_steps`` of them an attribution reads them in a bounded pass instead.
         sample_every: with ``fisher="sampled"``, run the sampled-label pass every n-th
             statistics step.
         accumulation_dtype: ``"float32"`` or ``"float64"`` for the accumulators, whatever the
@@ -95,9 +95,13 @@ class InfluenceConfig(metaclass=_KnownFields):
         statistics_fraction: fraction of each statistics step's examples (a random subset,
             rounded up) whose statistics are taken; with ``update_every=1`` a fraction ``1/k``
             spreads the cost of statistics on every k-th step over every step.
-        min_statistics_steps: statistics steps the EK-FAC eigenvalues should rest on. The
-            eigenbasis is refreshed only once the current one has that many; an attribution with
-            fewer warns (and, given a loader, runs the bounded eigenvalue pass instead).
+        min_statistics_steps: statistics steps the EK-FAC eigenvalues should rest on (default 8:
+            eigenvalues from the 4-8 statistics steps of a short attribution interval lost up to
+            0.02 LDS against post-hoc factors, see ``benchmarks/fidelity.py --lds``). The eigenbasis
+            is refreshed only once the current one has that many; an attribution with fewer warns
+            and, given a loader (the callbacks' candidates), runs the bounded eigenvalue pass at
+            the current parameters instead (``max_fit_batches`` bounds it). 1: always use the
+            tracked eigenvalues.
     """
 
     strategy: str = "ekfac"

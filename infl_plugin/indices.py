@@ -15,7 +15,8 @@ indices, or ``None`` when they are unknown:
   first epoch's iterator before any callback runs: that epoch is unknown);
 * the batch size does not match the record (something else consumed or skipped batches): the
   rest of that iteration is unknown, with a warning;
-* `skip_next_iteration` was called (a resumed run whose first epoch skips already-seen batches).
+* `skip_next_iteration` was called without a count (a resumed epoch that skips batches
+  consumed before the recorder saw them; with a count, that many records are dropped instead).
 
 Loaders without a batch sampler (an ``IterableDataset``, ``batch_size=None``) cannot be recorded:
 `install` returns ``False``. `remove` puts the original batch sampler back.
@@ -62,6 +63,8 @@ class BatchIndexRecorder:
         self._wrapper: Optional[_RecordingBatchSampler] = None
         self._known = False  # whether the current iteration is recorded and aligned
         self._skip_next = False
+        self._drop = 0  # records to drop at the start of the next iteration
+        self._dropping = 0
         self.unknown_batches = 0
 
     @property
@@ -92,9 +95,10 @@ class BatchIndexRecorder:
         self._queue.clear()
         self._known = False
 
-    def skip_next_iteration(self) -> None:
-        """Treat the loader's next iteration as unknown (it may skip batches this recorder cannot see)."""
-        self._skip_next = True
+    def skip_next_iteration(self, batches: Optional[int] = None) -> None:
+        """The loader's next iteration skips batches before training on any (a resumed epoch):
+        drop its first ``batches`` records, or treat it all as unknown when ``None``."""
+        self._skip_next, self._drop = batches is None, batches or 0
 
     def pop(self, batch_size: Optional[int]) -> Optional[torch.Tensor]:
         """Indices ``LongTensor[batch_size]`` of the next training batch, or ``None`` if unknown
@@ -116,10 +120,12 @@ class BatchIndexRecorder:
     def _begin(self) -> None:
         self._queue.clear()
         self._known = not self._skip_next
-        self._skip_next = False
+        self._skip_next, self._dropping, self._drop = False, self._drop, 0
 
     def _record(self, batch: Any) -> None:
-        if self._known:
+        if self._dropping:
+            self._dropping -= 1
+        elif self._known:
             self._queue.append([int(i) for i in batch])
 
 

@@ -366,7 +366,8 @@ class TensorBoardReporter:
     """Logs an `AttributionResult` to a ``SummaryWriter`` (``None`` = no-op). See the module docstring.
 
     The reporter keeps state across attributions (the tracked examples of each query and the
-    previous top-k sets, see `InfluenceHistory`); it restarts when the query set changes.
+    previous top-k sets, see `InfluenceHistory`); it restarts when the query set changes, and a
+    resumed run starts it afresh (it is a view of the logged results, not saved in checkpoints).
 
     Args:
         writer: a ``torch.utils.tensorboard.SummaryWriter`` (Lightning: ``TensorBoardLogger.experiment``).

@@ -25,7 +25,9 @@ accumulated over the training steps since the previous attribution; right after 
 eigenbasis is refreshed from the covariances so far and eigenvalue accumulation restarts in it.
 The first attribution has no eigenvalues yet: it eigendecomposes the covariances and runs one
 bounded pass over the candidates (at most ``config.max_fit_batches`` batches; all when ``None``)
-for the eigenvalues. ``kfac``/``diagonal``/``identity`` need no such pass.
+for the eigenvalues; so does any attribution whose eigenvalues rest on fewer than
+``config.min_statistics_steps`` statistics steps (with a warning; the eigenbasis is then kept
+until they do). ``kfac``/``diagonal``/``identity`` need no such pass.
 
 **Attribution.** Queries are differentiated and preconditioned once per attribution (kept as
 `last_queries`, with `last_attributor`, for token-level views); the candidates are streamed in a
@@ -63,7 +65,7 @@ from .artifacts import AttributionResult, write_artifact
 from .attributor import Attributor, PreconditionedQueries
 from .config import InfluenceConfig
 from .factors import Factors
-from .reporting import layer_shares, tail_exponent
+from .reporting import Reporter, layer_shares, tail_exponent
 from .statistics import CurvatureStatistics
 from .passes import isolated
 from .tasks import Task
@@ -160,8 +162,9 @@ class InfluenceSession:
         self.strict = strict
         self.candidate_mode = candidates
         self.unindexed_batches = 0  # streaming micro-batches whose dataset indices were unknown
+        self.streaming_started = False
         self.tracker = InfluenceTracker(model, task, self.config)  # attaches its hooks
-        self.reporter: Any = None  # anything with log(result, source, step)
+        self.reporter: Optional[Reporter] = None  # e.g. a TensorBoardReporter; None: no report
         self.artifact_dir: Optional[str] = None
         self.queries: Optional[Iterable] = None
         self.candidates: Optional[Iterable] = None
@@ -181,17 +184,30 @@ class InfluenceSession:
     # ----------------------------------------------------------------------------- data
     def set_data(self, queries: Iterable, candidates: Iterable, *, query_dataset: Any = None,
                  candidate_dataset: Any = None, query_indices: Optional[Sequence[int]] = None,
-                 candidate_indices: Optional[Sequence[int]] = None) -> None:
+                 candidate_indices: Optional[Sequence[int]] = None, stream: bool = True) -> None:
         """Re-iterable loaders of query and candidate batches (fixed order) and, for rendering,
         the datasets their rows come from: row i of the queries is ``query_dataset[query_indices[i]]``
-        (default ``indices = 0, 1, …``), likewise for candidates."""
+        (default ``indices = 0, 1, …``), likewise for candidates. ``stream=False`` defers
+        `start_streaming` (to when the training batches' dataset indices become known)."""
         self.queries, self.candidates = queries, candidates
         self.query_indices = None if query_indices is None else torch.as_tensor(list(query_indices), dtype=torch.long)
         self.candidate_indices = None if candidate_indices is None else torch.as_tensor(list(candidate_indices), dtype=torch.long)
         self.source = DatasetSource(query_dataset, candidate_dataset)
-        if self.candidate_mode == "stream":  # reads and preconditions the queries now: leave training's RNG alone
-            with self.quiet(), _forked_rng(), torch.inference_mode(False), torch.enable_grad():
-                self.tracker.set_queries(queries)
+        if self.streaming_started:  # new data (another fit): stream again only from `start_streaming`
+            self.tracker.set_queries(None)
+            self.streaming_started = False
+        if stream:
+            self.start_streaming()
+
+    def start_streaming(self) -> None:
+        """``candidates="stream"``: give the queries to the tracker, which scores every training
+        backward against them from now on (once; reads and preconditions the queries: a collective
+        when distributed, isolated from training's RNG)."""
+        if self.candidate_mode != "stream" or self.queries is None or self.streaming_started:
+            return
+        with self.quiet(), _forked_rng(), torch.inference_mode(False), torch.enable_grad():
+            self.tracker.set_queries(self.queries)
+        self.streaming_started = True
 
     @property
     def has_data(self) -> bool:
@@ -348,8 +364,8 @@ class InfluenceSession:
         started = time.perf_counter()
         result = None
         with self.quiet(), _forked_rng(), torch.inference_mode(False), torch.enable_grad():
-            # the attribution's only collective, on every rank before any branch: all decisions
-            # below read the summed statistics, so every process takes the same path
+            # the statistics' reduction, on every rank before any branch: all decisions below read
+            # the sums, so every process takes the same path (to the gather of streamed scores too)
             reduced = None if self.tracker.statistics is None else self.tracker.statistics.reduced()
             if not self._has_statistics(reduced):
                 warnings.warn(f"infl_plugin: no curvature statistics yet at step {step}; skipping the attribution",

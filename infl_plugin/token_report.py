@@ -220,7 +220,7 @@ def token_heatmap_figure(
     row_labels: Sequence[str],
     title: str = "",
     width: int = 10,
-    max_chars: int = 7,
+    max_chars: int = 6,
 ):
     """Coloured token cells: one block per sequence, wrapped every ``width`` tokens, with a colour bar.
 

@@ -24,10 +24,12 @@ every example of the micro-batch against the queries' preconditioned gradients (
 `streaming`); `step` takes the examples' dataset indices, and `streamed_scores` returns each
 example's influence at the times it was trained on, summed over its visits. The queries are
 re-preconditioned every ``stream_refresh_every`` optimizer steps at the current parameters with
-the current factors: EK-FAC once `refresh_eigenbasis` has been called and eigenvalues have
-accumulated in that basis; before that K-FAC (the eigenvalues of the covariances so far, in their
-own eigenbasis); before any statistics exist, no curvature at all (plain gradient dot products).
-`StreamedScores.batches` says which of these scored how many micro-batches.
+the current factors of the configured strategy, and at once when those first become available.
+Until then the queries are not preconditioned (plain gradient dot products); with EK-FAC and no
+eigenbasis yet, the first due refresh sets one (`refresh_eigenbasis`) and EK-FAC takes over after
+one statistics step in it. K-FAC is deliberately not an intermediate fallback: with covariances
+averaged over the run its streamed scores measured far worse than EK-FAC's (benchmarks/streaming.py).
+`StreamedScores.batches` says which preconditioning scored how many micro-batches.
 """
 
 from __future__ import annotations

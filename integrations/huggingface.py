@@ -264,8 +264,8 @@ class InfluenceTrainerCallback(TrainerCallback):
             TF-IDF of their text, decoded with ``processing_class`` when given), ``"random"`` (a
             fixed seeded subset of ``num_candidates``), or indexable examples to score in full.
             The dataset indices of training batches are read from the training loader's batch
-            sampler (`infl_plugin.indices.BatchIndexRecorder`); the first epoch of a resumed run
-            is not streamed (it skips batches the recorder cannot see).
+            sampler (`infl_plugin.indices.BatchIndexRecorder`); a resumed run drops the records
+            of the batches its first epoch skips (the Trainer's rule, unless ``ignore_data_skip``).
         num_candidates: ``"tfidf"``: candidates per query; ``"random"``: subset size; ``"all"`` and
             the ``"stream"`` fallback: score at most this many evenly spaced examples (``None``: all).
         max_candidates: deprecated name of ``num_candidates``.
@@ -390,7 +390,7 @@ class InfluenceTrainerCallback(TrainerCallback):
         collate = self.collate_fn or getattr(train_dataloader, "collate_fn", None)
         self._set_data(args, collate, train_dataloader, processing_class)
         if self.session.candidate_mode == "stream" and self.session.has_data:
-            self._start_indices(train_dataloader, resumed=state.global_step > 0)
+            self._start_indices(train_dataloader, _resumed_batches(args, state, train_dataloader))
         if state.is_world_process_zero:
             self._open_reporter(args, processing_class, collate)
         self.session.attach()
@@ -404,7 +404,7 @@ class InfluenceTrainerCallback(TrainerCallback):
             is_main=state.is_world_process_zero, progress=not getattr(args, "disable_tqdm", False), strict=self.strict,
             candidates=self.candidates if isinstance(self.candidates, str) else "all")
 
-    def _start_indices(self, train_dataloader: Any, resumed: bool) -> None:
+    def _start_indices(self, train_dataloader: Any, skipped: Optional[int]) -> None:
         """``candidates="stream"``: record the dataset indices of the training batches from the
         training loader's batch sampler, or fall back to ``"all"`` with a warning."""
         if not self.indices.install(train_dataloader):
@@ -413,8 +413,8 @@ class InfluenceTrainerCallback(TrainerCallback):
                             "scoring candidates='all' instead")
             self.session.candidate_mode = "all"
             self.session.tracker.set_queries(None)
-        elif resumed:  # the resumed epoch skips already-trained batches behind the recorder's back
-            self.indices.skip_next_iteration()
+        elif skipped != 0:  # a resumed epoch first skips the batches trained before the checkpoint
+            self.indices.skip_next_iteration(skipped)
 
     def _capturing(self) -> bool:
         return self.session is not None and self.session.needs_grad_scale
@@ -575,6 +575,21 @@ def _config(config: Any) -> InfluenceConfig:
     _check(config is None or isinstance(config, InfluenceConfig), "config", config,
            "None, an InfluenceConfig or a dict of its fields")
     return config or InfluenceConfig()
+
+
+def _resumed_batches(args: Any, state: Any, train_dataloader: Any) -> Optional[int]:
+    """How many batches of its first epoch a run resumed at ``state.global_step`` skips (the
+    Trainer's rule: the optimizer steps already taken in that epoch × gradient accumulation);
+    ``None`` when unknown (a loader without a length)."""
+    if state.global_step == 0 or getattr(args, "ignore_data_skip", False):
+        return 0
+    try:
+        length = len(train_dataloader)
+    except TypeError:
+        return None
+    accumulation = args.gradient_accumulation_steps
+    per_epoch = max(length // accumulation + int(length % accumulation > 0), 1)
+    return (state.global_step % per_epoch) * accumulation
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:

@@ -90,8 +90,10 @@ class InfluenceCallback(Callback):
         config: the `InfluenceConfig` (strategy, Fisher, layers, damping, …).
         task: ``"classification"``, ``"regression"``, ``"causal_lm"`` or a `Task` instance; it must
             match how ``training_step`` computes its loss (a batch mean for classification).
-        queries: held-out examples to explain: a datamodule/module split name (``"val"``,
-            ``"test"``, ``"train"``) or a Dataset; ``num_queries`` evenly spaced items are used.
+        queries: held-out examples to explain: a split name (``"val"``: the trainer's validation
+            loader, also one given as ``fit(model, train_loader, val_loader)``; ``"train"``: the
+            training loader; ``"test"``: the datamodule's/module's ``test_dataloader()``) or a
+            Dataset; ``num_queries`` evenly spaced items are used.
         num_queries: how many query examples.
         candidates: what an attribution scores (see `infl_plugin.candidates`): ``"stream"``
             (default: the training examples seen since the previous attribution, with the scores
@@ -170,6 +172,7 @@ class InfluenceCallback(Callback):
         self.max_candidates = num_candidates  # deprecated alias
         self.indices = BatchIndexRecorder()
         self._batch_indices: Any = None
+        self._stream_from_epoch = 0
         self.every_n_steps = every_n_steps
         self.on_save = on_save
         self.at_train_end = at_train_end
@@ -277,7 +280,7 @@ class InfluenceCallback(Callback):
             queries, query_collate = self.queries, train.collate_fn
         query_indices = spaced_indices(len(queries), self.num_queries)
         if mode == "stream":
-            self._start_indices(train)
+            self._start_indices(trainer, train)
         candidate_indices = select_candidates(
             mode, len(candidates), self.num_candidates, self.config.seed,
             documents=lambda: dataset_documents(candidates), query_documents=lambda: dataset_documents(queries, query_indices))
@@ -287,7 +290,7 @@ class InfluenceCallback(Callback):
             make_loader(queries, batch_size, query_collate, query_indices, self.num_workers),
             make_loader(candidates, batch_size, train.collate_fn, candidate_indices, self.num_workers),
             query_dataset=queries, candidate_dataset=candidates,
-            query_indices=query_indices, candidate_indices=candidate_indices,
+            query_indices=query_indices, candidate_indices=candidate_indices, stream=False,
         )
 
     def _split_loader(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", split: str) -> DataLoader:
@@ -313,13 +316,19 @@ class InfluenceCallback(Callback):
         return loader
 
     # ----------------------------------------------------------------------------- training events
-    def _start_indices(self, train: DataLoader) -> None:
+    def _start_indices(self, trainer: "pl.Trainer", train: DataLoader) -> None:
         """``candidates="stream"``: record the dataset indices of the training batches from the
-        training loader's batch sampler (`BatchIndexRecorder`), or fall back to ``"all"``."""
+        training loader's batch sampler (`BatchIndexRecorder`), or fall back to ``"all"``.
+
+        The epoch under way already has its data iterator, so its indices stay unknown: streaming
+        starts (`InfluenceSession.start_streaming`) with the next epoch, not to pay for scores that
+        could not be attributed to examples."""
         if self.indices.install(train):
-            rank_zero_info("InfluenceCallback: streaming influence; the dataset indices of training batches are read "
-                           "from the training loader's sampler from the next epoch on (Lightning creates the first "
-                           "epoch's iterator before callbacks run), so streamed scores start with the second epoch")
+            self._stream_from_epoch = trainer.current_epoch + 1
+            rank_zero_info("InfluenceCallback: streaming influence from the next epoch on: the dataset indices of "
+                           "training batches are read from the training loader's sampler, and Lightning creates an "
+                           "epoch's data iterator before callbacks run; attributions until then score the candidates "
+                           "as candidates='all'")
             return
         warnings.warn("InfluenceCallback: candidates='stream' needs the dataset indices of training batches, which "
                       "a loader without a batch sampler (an IterableDataset) does not give; scoring candidates='all' "
@@ -329,6 +338,8 @@ class InfluenceCallback(Callback):
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.indices.installed and isinstance(trainer.train_dataloader, DataLoader):
             self.indices.install(trainer.train_dataloader)  # a reloaded loader (reload_dataloaders_every_n_epochs)
+            if trainer.current_epoch >= self._stream_from_epoch:
+                self.session.start_streaming()  # a collective: every rank, at the same epoch
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
                              batch_idx: int) -> None:

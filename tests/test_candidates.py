@@ -184,7 +184,7 @@ def test_lightning_stream_indices_match_the_trained_rows_and_training_is_unchang
     for indices, x in known:
         assert torch.equal(module.train_set.tensors[0][indices], x)
     assert all(indices is None for indices, _, _ in spy.batches[:6])
-    assert callback.session.unindexed_batches == 6
+    assert callback.session.unindexed_batches == 0  # streaming starts with the second epoch: nothing wasted
     assert type(module.trainer.train_dataloader.batch_sampler) is torch.utils.data.BatchSampler  # removed
 
 
@@ -392,3 +392,29 @@ def test_huggingface_candidate_options_are_validated():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert InfluenceTrainerCallback().candidates == "stream"
+
+
+def test_huggingface_stream_resumes_exactly(tmp_path):
+    """A run resumed at step 2 of 4 skips the epoch's first 2 batches: their records are dropped,
+    so steps 3-4 stream the same examples as the uninterrupted run. (The scores themselves differ:
+    the resumed run preconditions its queries afresh at the restored parameters.)"""
+    import shutil
+
+    items = _examples(_texts(16))
+
+    def run(out, resume=None) -> InfluenceTrainerCallback:
+        callback = _hf_callback(candidates="stream")
+        settings = dict(output_dir=str(out), per_device_train_batch_size=2, max_steps=4, learning_rate=1e-2,
+                        report_to="none", use_cpu=True, save_strategy="steps", save_steps=2, logging_strategy="no",
+                        disable_tqdm=True, seed=0, data_seed=0, per_device_eval_batch_size=8)
+        Trainer(model=_gpt2(), args=TrainingArguments(**settings), train_dataset=items, data_collator=_collate,
+                processing_class=TOKENIZER, callbacks=[callback]).train(resume_from_checkpoint=resume)
+        return callback
+
+    whole = run(tmp_path / "whole")
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "resumed" / "checkpoint-2"))
+    got, expected = resumed.session.last_result, whole.session.last_result
+    assert got.step == expected.step == 4 and got.candidate_mode == expected.candidate_mode == "stream"
+    assert got.candidate_indices.tolist() == expected.candidate_indices.tolist() and got.num_candidates == 4
+    assert got.extra["streamed_visits"] == expected.extra["streamed_visits"] == 4

@@ -36,6 +36,8 @@ def torchrun(script: str, *args: str, cwd: Path, processes: int = 2) -> str:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                str(SCRIPTS / f"{script}.py"), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "TOKENIZERS_PARALLELISM": "false"}
+    if "GLOO_SOCKET_IFNAME" not in env and Path("/sys/class/net/lo").exists():
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # gloo between local processes, whatever the host name resolves to
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     try:
@@ -106,6 +108,25 @@ def test_lightning_ddp_equals_one_process_on_the_same_global_batches(lightning_r
         scale = float(reference["scores"].abs().max())
         torch.testing.assert_close(run["scores"], reference["scores"], rtol=1e-3, atol=1e-3 * scale)
         assert read_artifacts(run["artifact_dir"])["step"].tolist() == [2, 4, 6, 8]
+
+
+@pytest.mark.slow
+def test_lightning_ddp_streamed_scores_equal_one_process(lightning_runs, tmp_path):
+    """``candidates="stream"``: each rank scores the examples of its own half-batches from its
+    training backward; gathered at the attribution they are the scores one process streams from
+    its full batches (the 16 examples of steps 5-6 at the last attribution; tolerance as above)."""
+    lightning_ddp = _script("lightning_ddp")
+    reference = lightning_ddp.fit(tmp_path / "single", "single", False, world=1, rank=0, candidates="stream")
+    run = torch.load(lightning_runs / "stream.pt", weights_only=False)
+    for rank in _ranks(lightning_runs, "stream"):
+        assert (rank["attributions"], rank["failed_attributions"], rank["skipped_batches"]) == (4, 0, 0)
+    assert run["last_step"] == reference["last_step"] == 8
+    order, reference_order = run["candidate_indices"].argsort(), reference["candidate_indices"].argsort()
+    assert run["candidate_indices"][order].tolist() == reference["candidate_indices"][reference_order].tolist()
+    assert run["candidate_indices"].numel() == 16
+    scale = float(reference["scores"].abs().max())
+    torch.testing.assert_close(run["scores"][:, order], reference["scores"][:, reference_order], rtol=1e-3,
+                               atol=1e-3 * scale)
 
 
 @pytest.mark.slow

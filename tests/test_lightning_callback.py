@@ -74,11 +74,13 @@ def _trainer(tmp_path, callbacks=(), epochs: int = 1, logger=False, **kwargs) ->
     return pl.Trainer(callbacks=list(callbacks), **options)
 
 
-EVERY_STEP = ip.InfluenceConfig(update_every=1)  # these short runs check statistics step by step
+# these short runs check statistics step by step, eigenvalues from the few steps between attributions included
+EVERY_STEP = ip.InfluenceConfig(update_every=1, min_statistics_steps=1)
 
 
 def _callback(**kwargs) -> InfluenceCallback:
-    options = dict(queries="val", num_queries=2, top_k=3, progress=False, strict=True, config=EVERY_STEP)
+    options = dict(queries="val", num_queries=2, top_k=3, progress=False, strict=True, config=EVERY_STEP,
+                   candidates="all")  # every attribution scores the whole training set (see test_candidates.py)
     options.update(kwargs)
     return InfluenceCallback(**options)
 
@@ -402,7 +404,7 @@ def test_structured_config_mirrors_the_signature_and_loads_the_example_yaml():
         default = field.default_factory() if callable(field.default_factory) else field.default
         expected = signature[field.name].default
         assert (expected or ip.InfluenceConfig()) == default if field.name == "config" else expected == default, field.name
-    assert set(signature) - {"self"} - set(InfluenceCallbackConfig.__dataclass_fields__) == {"candidates"}
+    assert set(signature) - {"self"} - set(InfluenceCallbackConfig.__dataclass_fields__) == set()
 
     init_args = OmegaConf.load(EXAMPLE / "config.yaml").trainer.callbacks[0].init_args
     merged = OmegaConf.merge(OmegaConf.structured(InfluenceCallbackConfig), init_args)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,6 +240,22 @@ def test_a_reporter_is_any_object_with_log():
             pass
 
     assert isinstance(Printer(), Reporter) and not isinstance(object(), Reporter)
+
+
+def test_demo_report_counts_planted_mislabels_by_self_influence_rank():
+    example = Path(__file__).resolve().parents[1] / "examples" / "lightning"
+    sys.path.insert(0, str(example))
+    try:
+        from digits import mislabel_report
+    finally:
+        sys.path.remove(str(example))
+    result = _result(n=200)
+    result.self_scores = torch.arange(200, 0, -1.0)  # candidate 100 + r has self-influence rank r (0-based)
+    planted = [100 + r for r in (0, 1, 5, 15, 150)]
+    text = mislabel_report(result, planted, "runs/x")
+    assert ("2 in the top 1 % (2 examples), 3 in the top 5 % (10 examples), 4 in the top 10 % (20 examples)"
+            in text)
+    assert "tensorboard --logdir runs/x" in text and "influence/self_influence" in text
 
 
 @pytest.mark.slow

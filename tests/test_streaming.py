@@ -249,7 +249,8 @@ def test_preconditioning_follows_the_statistics():
     step 3), then refresh every 2 steps; a refresh preconditions with the tracker's current factors."""
     items = data()
     queries = list(loader(data(4, seed=3), 4))
-    config = ip.InfluenceConfig(update_every=1, accumulation_dtype="float64", stream_refresh_every=2, damping=1e-3)
+    config = ip.InfluenceConfig(update_every=1, accumulation_dtype="float64", stream_refresh_every=2, damping=1e-3,
+                                min_statistics_steps=1)
     model = mlp()
     task = ip.ClassificationTask()
     with ip.InfluenceTracker(model, task, config, queries=queries) as tracker:

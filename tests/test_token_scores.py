@@ -174,7 +174,7 @@ def test_heatmap_cells_mark_cut_tokens_and_have_a_colour_legend():
     assert clip_token(" ", 7) == "␣" and clip_token("a\n", 7) == "a↵"
     fig = token_heatmap_figure([[" namespace", " x"]], [torch.tensor([2.0, -1.0])], ["#1"])
     cells, legend = fig.axes
-    assert "namesp…" in [t.get_text() for t in cells.texts]
+    assert "names…" in [t.get_text() for t in cells.texts]  # cut to the default 6 characters
     assert "red = helpful" in legend.get_xlabel() and "blue = harmful" in legend.get_xlabel()
 
 

@@ -205,3 +205,27 @@ def test_eigenbasis_refresh_waits_for_min_statistics_steps_and_fewer_warn():
         refit = tracker.factors(loader=data)
     tracker.close()
     assert not torch.allclose(tracked.layers["fc"].eigenvalues, refit.layers["fc"].eigenvalues)
+
+
+def test_resumed_tracker_continues_the_moving_average_and_the_subsets_exactly():
+    """A tracker restored from `state_dict` halfway decays and subsamples as the uninterrupted one."""
+    data = batches(6, size=8)
+    config = ip.InfluenceConfig(strategy="kfac", accumulation_dtype="float64", update_every=1, half_life=2.0,
+                                statistics_fraction=0.5)
+    torch.manual_seed(0)
+    whole = train(OneLayer().double(), data, config)
+    torch.manual_seed(0)
+    model = OneLayer().double()
+    first = train(model, data[:3], config)
+    second = ip.InfluenceTracker(model, ip.ClassificationTask(), config)
+    second.close()
+    second.load_state_dict(first.state_dict())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with second.attach():
+        for batch in data[3:]:
+            optimizer.zero_grad()
+            F.cross_entropy(model(batch[0]), batch[1]).backward()
+            second.step(batch)
+            optimizer.step()
+    for got, expected in zip(second.statistics.covariance("fc"), whole.statistics.covariance("fc")):
+        torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)

@@ -10,6 +10,8 @@ Fits, one after the other in the same processes:
 
 * ``compare`` (named after their logger): three fits (``logger=False``, a ``CSVLogger``, a ``TensorBoardLogger``), each
   attributing every 2 of 8 steps with the validation loader given to ``fit`` as queries.
+* ``stream``: as ``compare`` without a logger, scoring the candidates streamed from the
+  training backward (each rank its own examples, gathered at the attribution).
 * ``skip``: rank 1's statistics of its first micro-batch are refused (a NaN loss scale) while
   rank 0's are kept, and an attribution follows at once (every step).
 
@@ -100,7 +102,8 @@ class RefuseFirstBatchOn(ip.ClassificationTask):
         return super().training_loss_scale(batch)
 
 
-def fit(root: Path, name: str, logger: Any, world: int, rank: int, mode: str = "compare") -> dict:
+def fit(root: Path, name: str, logger: Any, world: int, rank: int, mode: str = "compare",
+        candidates: str = "all") -> dict:
     """One fit; returns what a rank reports (the summed state on every rank, results on rank 0)."""
     pl.seed_everything(0, verbose=False)
     train, val = datasets()
@@ -109,7 +112,7 @@ def fit(root: Path, name: str, logger: Any, world: int, rank: int, mode: str = "
     skip = mode == "skip"
     callback = InfluenceCallback(
         config=ip.InfluenceConfig(update_every=1), task=RefuseFirstBatchOn(rank=1) if skip else "classification",
-        queries="val", num_queries=4, candidates="all", every_n_steps=1 if skip else 2, top_k=3, progress=False,
+        queries="val", num_queries=4, candidates=candidates, every_n_steps=1 if skip else 2, top_k=3, progress=False,
         strict=not skip,
     )
     strategy = "ddp" if world > 1 else "auto"
@@ -134,6 +137,7 @@ def fit(root: Path, name: str, logger: Any, world: int, rank: int, mode: str = "
         result = session.last_result
         report.update(state=state, factors=session.last_factors, parameters=[p.detach().clone() for p in model.parameters()],
                       scores=None if result is None else result.scores, last_step=None if result is None else result.step,
+                      candidate_indices=None if result is None else result.candidate_indices,
                       artifact_dir=session.artifact_dir)
     return report
 
@@ -145,9 +149,10 @@ def loggers(root: Path) -> dict[str, Any]:
 
 def main(out: Path) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    runs = [(name, logger, "compare") for name, logger in loggers(out).items()] + [("skip", False, "skip")]
-    for name, logger, mode in runs:
-        report = fit(out, name, logger, world, rank, mode)
+    runs = [(name, logger, "compare", "all") for name, logger in loggers(out).items()]
+    runs += [("stream", False, "compare", "stream"), ("skip", False, "skip", "all")]
+    for name, logger, mode, candidates in runs:
+        report = fit(out, name, logger, world, rank, mode, candidates)
         if rank == 0:
             torch.save({k: v for k, v in report.items() if k != "warnings"}, out / f"{name}.pt")
         public = {k: v for k, v in report.items() if isinstance(v, (int, str, list)) and k != "parameters"}
