@@ -143,6 +143,7 @@ def cost_rows(width: int, layers: int, variants: list[tuple[int, Optional[int]]]
         candidate_fns[f"candidates {label}"] = lambda att=att, pq=pq: att.pairwise_scores(pq, train)
     fns = {name: (lambda t=t, n=counts[name]: loop.run(n, t)) for name, t in trackers.items()}
     fns.update(candidate_fns)
+    print(f"width {width}: timing {len(fns)} configurations", flush=True)
     med = interleaved(fns, repeats=repeats, warmup=1)
     plain = med["plain training step"] / steps
     step_rows = []
@@ -265,13 +266,13 @@ def lds(scores: torch.Tensor, truth: dict) -> tuple[float, float]:
 
 
 def streamed_run(x, y, queries: list, strategy: str = "ekfac", weight: str = "none", refresh_every: int = 10,
-                 eigenbasis_every_epoch: bool = True, min_statistics_steps: int = 1) -> tuple[list[ip.StreamedScores], torch.nn.Module, ip.InfluenceTracker]:
+                 eigenbasis_every_epoch: bool = True, min_statistics_steps: Optional[int] = None) -> tuple[list[ip.StreamedScores], torch.nn.Module, ip.InfluenceTracker]:
     """Train the full-data model with the recipe and a streaming tracker; per-epoch streamed scores."""
     model = gt.make_model("mlp", 0)
     task = ip.ClassificationTask()
     config = ip.InfluenceConfig(strategy=strategy, update_every=1, accumulation_dtype="float64",
                                 stream_refresh_every=refresh_every, stream_weight=weight,
-                                min_statistics_steps=min_statistics_steps)
+                                **({} if min_statistics_steps is None else {"min_statistics_steps": min_statistics_steps}))
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     per_epoch = math.ceil(N_TRAIN / SGD_BATCH)
     total = EPOCHS * per_epoch
@@ -328,8 +329,8 @@ def run_fidelity(refresh: bool) -> str:
     for every in (1, 50):
         other, _, _ = streamed_run(x, y, queries, refresh_every=every)
         add(f"streamed EK-FAC, summed, refresh every {every} step(s)", sum(e.dense(N_TRAIN) for e in other))
-    other, _, _ = streamed_run(x, y, queries, refresh_every=1, min_statistics_steps=8)
-    add("streamed EK-FAC, summed, refresh every step, eigenvalues from >= 8 steps (min_statistics_steps=8)",
+    other, _, _ = streamed_run(x, y, queries, min_statistics_steps=1)
+    add("streamed EK-FAC, summed, EK-FAC from 1 eigenvalue step on (min_statistics_steps=1)",
         sum(e.dense(N_TRAIN) for e in other))
     kfac, _, _ = streamed_run(x, y, queries, strategy="kfac")
     add("streamed K-FAC, summed (strategy=\"kfac\": the covariances so far with their own eigenvalues)",

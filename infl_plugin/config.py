@@ -76,9 +76,10 @@ class InfluenceConfig(metaclass=_KnownFields):
             trained on at other steps get no score from that visit) for overhead.
         stream_refresh_every: re-differentiate and re-precondition the streaming queries every n
             optimizer steps, at the current parameters with the current factors (one query pass
-            each, about the cost of a training step on the query batches). Default 50: scores
-            lag the parameters by at most 50 steps while the pass stays a few percent of training.
-            ``None``: only when the queries are set or `InfluenceTracker.refresh_queries` is called.
+            each, about the cost of a training step on the query batches). Default 50: the pass
+            stays a few percent of training, and refreshing every 10 or 50 steps measured the same
+            fidelity (every step: lower; benchmarks/streaming.py). ``None``: only when the queries
+            are set or `InfluenceTracker.refresh_queries` is called (no automatic refresh at all).
         stream_weight: per-step weight of streamed scores. ``"none"`` sums an example's scores
             over its visits (the influence of the example at the times it was trained on);
             ``"lr"`` multiplies each step's scores by the learning rate the caller passes as

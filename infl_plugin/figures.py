@@ -203,7 +203,7 @@ def history_figure(series: Sequence[tuple[str, str, Sequence[int], Sequence[floa
     _style(ax, "training step", "share of Σ|score| (%)", title)
     # fixed margins in inches (title 2 lines, axis labels, legend rows): cheaper than tight_layout
     fig.subplots_adjust(left=0.6 / CARD_WIDTH_IN, right=1 - 0.08 / CARD_WIDTH_IN, top=1 - 0.45 / height,
-                        bottom=(0.5 + 0.16 * rows + 0.05) / height)
+                        bottom=(0.45 + 0.16 * rows) / height)
     if series:
         fig.legend(loc="lower center", ncol=4, fontsize=6.5, handlelength=1.5, columnspacing=0.8, frameon=False)
     return fig

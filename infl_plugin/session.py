@@ -69,6 +69,7 @@ from .reporting import Reporter, layer_shares, tail_exponent
 from .statistics import CurvatureStatistics
 from .passes import isolated
 from .tasks import Task
+from .candidates import CANDIDATE_MODES
 from .streaming import StreamedScores
 from .tracker import InfluenceTracker
 
@@ -147,6 +148,8 @@ class InfluenceSession:
             raise ValueError(f"every_n_steps must be None or an integer >= 1, got {every_n_steps!r}")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+        if candidates not in CANDIDATE_MODES:
+            raise ValueError(f"candidates must be one of {list(CANDIDATE_MODES)}, got {candidates!r}")
         self.model = model
         self.task = task
         self.config = config or InfluenceConfig()
@@ -205,7 +208,7 @@ class InfluenceSession:
         when distributed, isolated from training's RNG)."""
         if self.candidate_mode != "stream" or self.queries is None or self.streaming_started:
             return
-        with self.quiet(), _forked_rng(), torch.inference_mode(False), torch.enable_grad():
+        with _forked_rng(), torch.inference_mode(False), torch.enable_grad():  # the tracker pauses its hooks itself
             self.tracker.set_queries(self.queries)
         self.streaming_started = True
 

@@ -26,8 +26,8 @@ example's influence at the times it was trained on, summed over its visits. The 
 re-preconditioned every ``stream_refresh_every`` optimizer steps at the current parameters with
 the current factors of the configured strategy, and at once when those first become available.
 Until then the queries are not preconditioned (plain gradient dot products); with EK-FAC and no
-eigenbasis yet, the first due refresh sets one (`refresh_eigenbasis`) and EK-FAC takes over after
-one statistics step in it. K-FAC is deliberately not an intermediate fallback: with covariances
+eigenbasis yet, the first due refresh sets one (`refresh_eigenbasis`) and EK-FAC takes over once
+``min_statistics_steps`` statistics steps have accumulated eigenvalues in it. K-FAC is deliberately not an intermediate fallback: with covariances
 averaged over the run its streamed scores measured far worse than EK-FAC's (benchmarks/streaming.py).
 `StreamedScores.batches` says which preconditioning scored how many micro-batches.
 """

@@ -26,9 +26,9 @@ surfaces only: the events' ``args`` / ``state`` and their ``model``, ``processin
 
 Hooks come off at ``on_train_end`` and with `InfluenceTrainerCallback.close`. No Trainer event
 reports an exception, so after a crashed ``trainer.train()`` the hooks stay on the model until
-``callback.close()`` or the next ``on_train_begin``; they are harmless meanwhile: at most
-``MAX_PENDING`` recorded micro-batches are kept, and statistics are never committed outside a
-Trainer step. Training is never changed: statistics come from the training backward itself,
+``callback.close()`` or the next ``on_train_begin`` (which drops what they captured); they are
+harmless meanwhile: at most ``MAX_PENDING`` recorded micro-batches are kept, the layer hooks add
+into fixed-size pending sums, and nothing is committed outside a Trainer step. Training is never changed: statistics come from the training backward itself,
 attribution runs in eval mode with forked RNGs and never touches ``.grad``, and a failing
 micro-batch or attribution only warns.
 """

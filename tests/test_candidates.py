@@ -237,6 +237,43 @@ def test_lightning_all_random_and_tfidf_modes(tmp_path):
         _fit(tmp_path / "tfidf", [_callback(candidates="tfidf", num_candidates=3, every_n_steps=6)], epochs=1)
 
 
+class Bag(pl.LightningModule):
+    """Token ids ``[B, 4]`` → mean embedding → Linear: token data for TF-IDF on token-id words."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.EmbeddingBag(40, 8), nn.Linear(8, 3)
+        ids = torch.stack([torch.arange(i, i + 4) % 40 for i in range(24)])  # example i: tokens i..i+3
+        self.train_set = TensorDataset(ids, torch.arange(24) % 3)
+        self.val_set = TensorDataset(ids[[5, 17]], torch.tensor([2, 2]))  # copies of examples 5 and 17
+
+    def forward(self, ids):
+        return self.head(self.embed(ids))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=8, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=2)
+
+
+def test_lightning_tfidf_scores_each_querys_lexical_neighbours(tmp_path):
+    """Query 5 shares 3 of its 4 tokens with examples 4 and 6, query 17 with 16 and 18."""
+    callback = _callback(candidates="tfidf", num_candidates=3, every_n_steps=3)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=0, default_root_dir=str(tmp_path), callbacks=[callback])
+    trainer.fit(Bag())
+    (result,) = read_artifacts(tmp_path, as_dataframe=False)
+    assert result["candidate_mode"] == "tfidf" and result["candidate_indices"].tolist() == [4, 5, 6, 16, 17, 18]
+
+
 def test_lightning_candidate_options_are_validated_and_configurable():
     for kwargs, field in (({"candidates": "everything"}, "InfluenceCallback.candidates"),
                           ({"candidates": "random"}, "InfluenceCallback.num_candidates"),

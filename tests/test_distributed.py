@@ -70,7 +70,8 @@ def _assert_same_statistics(a: dict, b: dict, rtol: float) -> None:
         for key, value in layer.items():
             other = b["layers"][name][key]
             if isinstance(value, torch.Tensor):
-                torch.testing.assert_close(value, other, rtol=rtol, atol=rtol * float(value.abs().max()), msg=name + key)
+                torch.testing.assert_close(value, other, rtol=rtol, atol=rtol * float(value.abs().max()),
+                                           msg=lambda message: f"{name}.{key}: {message}")
             else:
                 assert value == other, (name, key)
 
@@ -90,7 +91,7 @@ def test_lightning_ddp_equals_one_process_on_the_same_global_batches(lightning_r
     a rank-0-only ``trainer.log_dir``), with the validation loader of ``fit(model, train, val)`` as
     queries. Each rank trains on half of each global batch of 8, the reference process on all 8:
     DDP's gradient average equals the reference's batch mean, the summed statistics equal the
-    reference's. Tolerances: float32 sums over 4 vs 8 rows in another order and SGD trajectories
+    reference's, and so do those in the checkpoints the CSV run saved. Tolerances: float32 sums over 4 vs 8 rows in another order and SGD trajectories
     that agree to rounding: relative 1e-4 on the statistics; 1e-3 on operators and scores, since
     (Λ + λ)⁻¹ amplifies the rounding of the smallest eigenvalues (2e-4 seen)."""
     lightning_ddp = _script("lightning_ddp")
@@ -108,6 +109,11 @@ def test_lightning_ddp_equals_one_process_on_the_same_global_batches(lightning_r
         scale = float(reference["scores"].abs().max())
         torch.testing.assert_close(run["scores"], reference["scores"], rtol=1e-3, atol=1e-3 * scale)
         assert read_artifacts(run["artifact_dir"])["step"].tolist() == [2, 4, 6, 8]
+    for step in (4, 8):  # checkpoints hold the statistics summed over both ranks
+        saved = torch.load(lightning_runs / "csv" / "ckpt" / f"step={step}.ckpt", weights_only=False)
+        statistics = saved["callbacks"]["InfluenceCallback[influence]"]["tracker"]["statistics"]
+        assert all(layer["examples"] == step * 8 for layer in statistics["layers"].values())
+    _assert_same_statistics(statistics, reference["state"]["tracker"]["statistics"], 1e-4)
 
 
 @pytest.mark.slow
@@ -150,7 +156,8 @@ def test_lightning_ddp_statistics_skipped_on_one_rank_only(lightning_runs):
 @pytest.mark.slow
 def test_huggingface_trainer_two_processes_equal_one_process(tmp_path):
     """A tiny GPT-2 under ``torchrun --nproc_per_node 2`` (gloo, CPU) with the callback attached:
-    it finishes, both ranks attribute on the same steps, and the statistics summed over the ranks
+    it finishes, saves its influence state with each checkpoint, both ranks attribute on the same
+    steps, and the statistics summed over the ranks
     equal those of one process trained on the same global batches (the per-rank loss is normalised
     by the tokens of both ranks and DDP averages: the same per-example gradients). Tolerances as
     in the Lightning comparison."""
@@ -166,3 +173,5 @@ def test_huggingface_trainer_two_processes_equal_one_process(tmp_path):
     _assert_same_statistics(run["state"]["tracker"]["statistics"], reference["state"]["tracker"]["statistics"], 1e-4)
     scale = float(reference["scores"].abs().max())
     torch.testing.assert_close(run["scores"], reference["scores"], rtol=1e-3, atol=1e-3 * scale)
+    for step in (2, 4):  # on_save ran on both ranks (its state is a collective) and rank 0 wrote it
+        assert (tmp_path / "ddp" / f"checkpoint-{step}" / "influence_state.safetensors").is_file()

@@ -282,7 +282,7 @@ def test_training_is_bit_for_bit_unchanged_and_hooks_removed():
     train(plain, items, epochs=2)
     model = mlp(dropout=0.3)
     torch.manual_seed(123)
-    config = ip.InfluenceConfig(update_every=1, stream_refresh_every=2)
+    config = ip.InfluenceConfig(update_every=1, stream_refresh_every=2, min_statistics_steps=1)
     layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
     with ip.InfluenceTracker(model, ip.ClassificationTask(), config, queries=queries) as tracker:
         train(model, items, tracker, epochs=2, refresh_after_epoch=True)
@@ -359,7 +359,8 @@ def _stream_three_steps(rank: int, world: int) -> ip.StreamedScores:
     queries = list(loader(data(4, seed=3), 4))
     model = mlp()
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    config = ip.InfluenceConfig(update_every=1, accumulation_dtype="float64", stream_refresh_every=1, damping=1e-3)
+    config = ip.InfluenceConfig(update_every=1, accumulation_dtype="float64", stream_refresh_every=1, damping=1e-3,
+                                min_statistics_steps=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with ip.InfluenceTracker(model, ip.ClassificationTask(), config, queries=queries) as tracker:
         for i, (x, y) in enumerate(loader(items, 8)):

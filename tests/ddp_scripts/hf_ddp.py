@@ -4,7 +4,8 @@
 Launched by ``tests/test_distributed.py`` as ``torchrun ... hf_ddp.py OUT`` and imported by it for
 the single-process reference. The training sampler is sequential: under 2 processes Accelerate
 gives rank r the batches r, r + 2, …, so global step k trains on rows ``[2kb, 2kb + 2b)`` of a
-per-device batch b, exactly the rows of a single process with batch 2b. Rank 0 writes
+per-device batch b, exactly the rows of a single process with batch 2b. Checkpoints are saved
+every 2 steps (the callback's ``on_save`` sums the statistics over the ranks). Rank 0 writes
 ``OUT/<name>.pt`` (summed statistics, last scores); every rank writes ``OUT/<name>_rank<r>.json``.
 """
 
@@ -49,7 +50,7 @@ def train(out: Path, name: str, world: int) -> dict:
     args = TrainingArguments(
         output_dir=str(out / name), per_device_train_batch_size=GLOBAL_BATCH // world, max_steps=STEPS,
         learning_rate=0.1, optim="sgd", use_cpu=True, ddp_backend="gloo" if world > 1 else None, report_to=[],
-        save_strategy="no", logging_strategy="no", seed=0, disable_tqdm=True, dataloader_num_workers=0,
+        save_strategy="steps", save_steps=2, logging_strategy="no", seed=0, disable_tqdm=True, dataloader_num_workers=0,
         train_sampling_strategy="sequential",
     )
     callback = InfluenceTrainerCallback(

@@ -8,8 +8,10 @@ gradient average equals one process's batch mean and both runs see the same trai
 
 Fits, one after the other in the same processes:
 
-* ``compare`` (named after their logger): three fits (``logger=False``, a ``CSVLogger``, a ``TensorBoardLogger``), each
-  attributing every 2 of 8 steps with the validation loader given to ``fit`` as queries.
+* ``compare`` (named after their logger): three fits (``logger=False``, a ``CSVLogger``, a
+  ``TensorBoardLogger``), each attributing every 2 of 8 steps with the validation loader given
+  to ``fit`` as queries; the ``CSVLogger`` fit also saves a checkpoint every 4 steps (the
+  callback's ``state_dict`` sums the statistics over the ranks).
 * ``stream``: as ``compare`` without a logger, scoring the candidates streamed from the
   training backward (each rank its own examples, gathered at the attribution).
 * ``skip``: rank 1's statistics of its first micro-batch are refused (a NaN loss scale) while
@@ -32,6 +34,7 @@ from typing import Any, Iterator, Optional
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
@@ -116,9 +119,12 @@ def fit(root: Path, name: str, logger: Any, world: int, rank: int, mode: str = "
         strict=not skip,
     )
     strategy = "ddp" if world > 1 else "auto"
+    checkpoints = [ModelCheckpoint(dirpath=str(root / name / "ckpt"), filename="{step}", every_n_train_steps=4,
+                                   save_top_k=-1)] if name == "csv" else []
     trainer = pl.Trainer(
         max_epochs=1 if skip else 2, accelerator="cpu", devices=world, strategy=strategy, logger=logger,
-        callbacks=[callback], use_distributed_sampler=False, enable_checkpointing=False, enable_progress_bar=False,
+        callbacks=[callback, *checkpoints], use_distributed_sampler=False, enable_checkpointing=bool(checkpoints),
+        enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(root / name), deterministic=True,
     )
     model = Net()
