@@ -164,31 +164,33 @@ def cost_rows(width: int, layers: int, variants: list[tuple[int, Optional[int]]]
     return step_rows, example_rows
 
 
-def run_cost(quick: bool, repeats: int) -> str:
+def run_cost(quick: bool, repeats: int, publish) -> None:
+    """Both model sizes; ``publish(body)`` after each, so a run cut short keeps the first table."""
     steps = 4 if quick else 8
     sections = []
     step_headers = ["configuration", "ms / step", "× plain", "overhead"]
     example_headers = ["queries", "ms / streamed example", "ms / checkpoint candidate", "streamed / candidate",
                        "query refresh s", "refresh share of a step at stream_refresh_every=50", "route(s)"]
     variants = [(16, None), (16, 32)] if quick else [(16, None), (64, None), (16, 32), (64, 32)]
-    step_rows, example_rows = cost_rows(256, 4, variants, steps, repeats, with_statistics=True, candidates=32)
-    sections.append("**Small GPT-2 (4 layers, width 256, seq 128, batch 8, vocab 8192)**\n\n"
-                    + table(step_headers, step_rows) + "\n\n" + table(example_headers, example_rows))
-    print(sections[-1], flush=True)
-    step_rows, example_rows = cost_rows(1024, 2, [(16, 32)], max(2, steps // 2), repeats, with_statistics=False,
-                                        candidates=16)
-    sections.append("**Wider GPT-2 (2 layers, width 1024, seq 128, batch 8, vocab 8192), rank-32 queries**\n\n"
-                    + table(step_headers, step_rows) + "\n\n" + table(example_headers, example_rows))
-    print(sections[-1], flush=True)
-    return (f"Medians of {repeats} interleaved repetitions of {steps} training steps (width 1024: {max(2, steps // 2)}); "
-            "streaming rows score every step's 8 examples against EK-FAC-preconditioned queries (fitted once on 16 "
-            "sequences; refreshes not included: see the refresh columns); \"+ statistics\" = curvature statistics "
-            "(steady state: covariances + eigenvalues) on the same steps. ms / streamed example = (stream step − plain "
-            "step) / 8; ms / checkpoint candidate = `Attributor.pairwise_scores` over the candidates (forward, backward to "
-            "the tracked outputs, contraction) / their number, with the same preconditioned queries. Route: how the "
-            "scorer contracted each layer (`dw`: per-example gradients formed; `dw (rank-r rebuilt)`: rank-r queries "
-            "rebuilt once per refresh because forming DW_n is cheaper there; `rank-r`: factored queries, DW_n never "
-            "formed).\n\n" + "\n\n".join(sections))
+    intro = (f"Medians of {repeats} interleaved repetitions of {steps} training steps (width 1024: {max(2, steps // 2)}); "
+             "streaming rows score every step's 8 examples against EK-FAC-preconditioned queries (fitted once on 16 "
+             "sequences; refreshes not included: see the refresh columns); \"+ statistics\" = curvature statistics "
+             "(steady state: covariances + eigenvalues) on the same steps. ms / streamed example = (stream step − plain "
+             "step) / 8; ms / checkpoint candidate = `Attributor.pairwise_scores` over the candidates (forward, backward "
+             "to the tracked outputs, contraction) / their number, with the same preconditioned queries. Route: how the "
+             "scorer contracted each layer (`dw`: per-example gradients formed; `dw (rank-r rebuilt)`: rank-r queries "
+             "rebuilt once per refresh because forming DW_n is cheaper there; `rank-r`: factored queries, DW_n never "
+             "formed).")
+    sizes = [("**Small GPT-2 (4 layers, width 256, seq 128, batch 8, vocab 8192)**",
+              dict(width=256, layers=4, variants=variants, steps=steps, with_statistics=True, candidates=32)),
+             ("**Wider GPT-2 (2 layers, width 1024, seq 128, batch 8, vocab 8192), rank-32 queries**",
+              dict(width=1024, layers=2, variants=[(16, 32)], steps=max(2, steps // 2), with_statistics=False,
+                   candidates=16))]
+    for title, kwargs in sizes:
+        step_rows, example_rows = cost_rows(repeats=repeats, **kwargs)
+        sections.append(f"{title}\n\n" + table(step_headers, step_rows) + "\n\n" + table(example_headers, example_rows))
+        print(sections[-1], flush=True)
+        publish(intro + "\n\n" + "\n\n".join(sections))
 
 
 # ------------------------------------------------------------------------------------- fidelity
@@ -364,7 +366,9 @@ def run_fidelity(refresh: bool) -> str:
             "`InfluenceTracker` with statistics on every step, the EK-FAC eigenbasis refreshed after each epoch (as an "
             "attribution would), queries refreshed every 10 optimizer steps unless stated; the queries are "
             "unpreconditioned (gradient dot products) until EK-FAC factors exist: the first due refresh sets an "
-            "eigenbasis, and the queries switch to EK-FAC one statistics step later.\n\n" + table(["scores", "LDS (mean ± s.e. over queries)", "× checkpoint EK-FAC", "note"], body_rows)
+            "eigenbasis, and the queries switch to EK-FAC once `min_statistics_steps` (default "
+            f"{ip.InfluenceConfig().min_statistics_steps}) statistics steps have accumulated eigenvalues in it.\n\n"
+            + table(["scores", "LDS (mean ± s.e. over queries)", "× checkpoint EK-FAC", "note"], body_rows)
             + f"\n\nTotal {elapsed:.0f}s.")
 
 
@@ -384,10 +388,11 @@ def main() -> None:
         if not args.no_write:
             write_section("Streaming attribution: fidelity (streaming.py)", body)
     if args.part in ("cost", "all"):
-        body = f"{threads} torch threads. " + run_cost(args.quick, repeats)
-        print(body)
-        if not args.no_write:
-            write_section("Streaming attribution: cost (streaming.py)", body)
+        def publish(body: str) -> None:
+            if not args.no_write:
+                write_section("Streaming attribution: cost (streaming.py)", f"{threads} torch threads. " + body)
+
+        run_cost(args.quick, repeats, publish)
 
 
 if __name__ == "__main__":

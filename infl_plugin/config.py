@@ -77,8 +77,8 @@ class InfluenceConfig(metaclass=_KnownFields):
         stream_refresh_every: re-differentiate and re-precondition the streaming queries every n
             optimizer steps, at the current parameters with the current factors (one query pass
             each, about the cost of a training step on the query batches). Default 50: the pass
-            stays a few percent of training, and refreshing every 10 or 50 steps measured the same
-            fidelity (every step: lower; benchmarks/streaming.py). ``None``: only when the queries
+            stays a few percent of training, and refreshing every step, every 10 or every 50 steps
+            measured about the same fidelity (benchmarks/streaming.py). ``None``: only when the queries
             are set or `InfluenceTracker.refresh_queries` is called (no automatic refresh at all).
         stream_weight: per-step weight of streamed scores. ``"none"`` sums an example's scores
             over its visits (the influence of the example at the times it was trained on);
@@ -96,12 +96,14 @@ class InfluenceConfig(metaclass=_KnownFields):
         statistics_fraction: fraction of each statistics step's examples (a random subset,
             rounded up) whose statistics are taken; with ``update_every=1`` a fraction ``1/k``
             spreads the cost of statistics on every k-th step over every step.
-        min_statistics_steps: statistics steps the EK-FAC eigenvalues should rest on (default 8:
-            eigenvalues from the 4-8 statistics steps of a short attribution interval lost up to
-            0.02 LDS against post-hoc factors, see ``benchmarks/fidelity.py --lds``). The eigenbasis
-            is refreshed only once the current one has that many; an attribution with fewer warns
-            and, given a loader (the callbacks' candidates), runs the bounded eigenvalue pass at
-            the current parameters instead (``max_fit_batches`` bounds it). 1: always use the
+        min_statistics_steps: statistics steps the EK-FAC eigenvalues accumulated during training
+            must rest on to be used (default 32: 1,024 optimizer steps at ``update_every=32``).
+            With fewer, an attribution given a loader (the callbacks' candidates) reads the
+            eigenvalues in a bounded pass at the current parameters instead (logged at INFO;
+            ``max_fit_batches`` bounds it), and one without a loader warns; the eigenbasis is
+            kept until enough accumulated.
+            Eigenvalues from 4-15 statistics steps lost 0.02-0.03 LDS against post-hoc factors,
+            the bounded pass about 0.01 (``benchmarks/fidelity.py --lds``). 1: always use the
             tracked eigenvalues.
     """
 
@@ -122,7 +124,7 @@ class InfluenceConfig(metaclass=_KnownFields):
     fisher_samples: int = 1
     half_life: Optional[float] = None
     statistics_fraction: float = 1.0
-    min_statistics_steps: int = 8
+    min_statistics_steps: int = 32
 
     def __post_init__(self) -> None:
         _choice("strategy", self.strategy, STRATEGIES)

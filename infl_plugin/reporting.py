@@ -387,6 +387,10 @@ class TensorBoardReporter:
     def __init__(self, writer: Any = None, renderer: Union[str, Renderer, Callable, None] = "auto",
                  image_shape: Optional[Sequence[int]] = None, scalar_ranks: int = 3, max_grid: int = 8,
                  max_queries: int = 32, table_chars: int = 40, max_tracked: int = 24, layer_bins: int = 8) -> None:
+        for name, value in (("scalar_ranks", scalar_ranks), ("max_grid", max_grid), ("max_queries", max_queries),
+                            ("table_chars", table_chars), ("max_tracked", max_tracked), ("layer_bins", layer_bins)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TensorBoardReporter.{name} must be an integer >= 1, got {value!r}")
         self.writer = writer
         self.renderer = make_renderer(renderer, image_shape)
         self.scalar_ranks = scalar_ranks

@@ -26,7 +26,7 @@ eigenbasis is refreshed from the covariances so far and eigenvalue accumulation 
 The first attribution has no eigenvalues yet: it eigendecomposes the covariances and runs one
 bounded pass over the candidates (at most ``config.max_fit_batches`` batches; all when ``None``)
 for the eigenvalues; so does any attribution whose eigenvalues rest on fewer than
-``config.min_statistics_steps`` statistics steps (with a warning; the eigenbasis is then kept
+``config.min_statistics_steps`` statistics steps (logged at INFO; the eigenbasis is then kept
 until they do). ``kfac``/``diagonal``/``identity`` need no such pass.
 
 **Attribution.** Queries are differentiated and preconditioned once per attribution (kept as

@@ -34,6 +34,7 @@ averaged over the run its streamed scores measured far worse than EK-FAC's (benc
 
 from __future__ import annotations
 
+import logging
 import warnings
 from contextlib import contextmanager
 from dataclasses import replace
@@ -53,6 +54,8 @@ from .statistics import CurvatureStatistics
 from .streaming import StreamedScores, StreamingScorer
 from .subsample import ExampleSubsample
 from .tasks import Task
+
+logger = logging.getLogger(__name__)
 
 
 class InfluenceTracker:
@@ -408,7 +411,7 @@ class InfluenceTracker:
         EK-FAC uses the eigenvalues accumulated since the last `refresh_eigenbasis`; when there are
         none, ``loader`` is read (at most ``config.max_fit_batches`` batches) in a fresh eigenbasis.
         Eigenvalues resting on fewer than ``config.min_statistics_steps`` statistics steps are
-        warned about and, given a ``loader``, replaced by that bounded pass.
+        replaced by that bounded pass given a ``loader`` (logged), and warned about without one.
         ``reduced``: statistics already summed over processes, used (and, for that pass, updated)
         in place of a new reduction, so a caller can take every decision after one collective.
         """
@@ -418,13 +421,12 @@ class InfluenceTracker:
         tracked = statistics.bases is not None and statistics.has_eigenvalues
         few = tracked and self.eigenvalue_steps < self.config.min_statistics_steps
         if self.config.strategy == "ekfac" and few:
-            warnings.warn(
-                f"infl_plugin: the EK-FAC eigenvalues rest on {self.eigenvalue_steps} statistics step(s), fewer than "
-                f"InfluenceConfig.min_statistics_steps={self.config.min_statistics_steps}; "
-                + ("running the bounded eigenvalue pass over the candidates instead" if loader is not None else
-                   "attribute less often or lower update_every for better factors"),
-                stacklevel=2,
-            )
+            note = (f"infl_plugin: the EK-FAC eigenvalues rest on {self.eigenvalue_steps} statistics step(s), fewer than "
+                    f"InfluenceConfig.min_statistics_steps={self.config.min_statistics_steps}; ")
+            if loader is not None:  # the default path of short attribution intervals: said, not warned
+                logger.info(note + "reading them in the bounded eigenvalue pass over the candidates instead")
+            else:
+                warnings.warn(note + "attribute less often or lower update_every for better factors", stacklevel=2)
         if self.config.strategy == "ekfac" and (not tracked or (few and loader is not None)):
             if loader is None:
                 raise RuntimeError(

@@ -6,7 +6,9 @@
 The callback only translates Trainer events into calls on an `InfluenceSession` (which owns the
 tracker, the attribution schedule, the `TensorBoardReporter` and the artifacts). It reads public
 surfaces only: the events' ``args`` / ``state`` and their ``model``, ``processing_class`` and
-``train_dataloader`` keywords, plus module hooks on the model. It never needs the ``Trainer`` object.
+``train_dataloader`` keywords (``optimizer`` for its learning rate with ``stream_weight="lr"``), plus
+module hooks on the model and a pass-through recorder of the training loader's batch sampler (the
+dataset indices of each batch, for ``candidates="stream"``). It never needs the ``Trainer`` object.
 
 * ``on_train_begin``: the session is built on the unwrapped model (its layer hooks go on), a
   forward pre-hook (``with_kwargs=True``) and a forward hook go on the model to see each training

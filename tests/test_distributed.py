@@ -76,6 +76,33 @@ def _assert_same_statistics(a: dict, b: dict, rtol: float) -> None:
                 assert value == other, (name, key)
 
 
+# ------------------------------------------------------------------------------------ agreed decisions
+def test_attribution_decides_from_the_reduced_statistics():
+    """A process whose own statistics are empty (all its batches skipped) while another's are not
+    must still attribute: the decision is read from the sums over processes. The reduction is
+    stood in for by the other process's statistics (what ``all_reduce`` would add to zeros)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    task, config = ip.ClassificationTask(), ip.InfluenceConfig(update_every=1)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    batches = [(x[i:i + 8], y[i:i + 8]) for i in (0, 8)]
+
+    other = ip.InfluenceSession(model, task, config, progress=False)
+    torch.nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
+    assert other.after_backward(batches[0])
+    other.close()
+    model.zero_grad()
+
+    session = ip.InfluenceSession(model, task, config, progress=False, strict=True)
+    session.set_data(batches, batches)
+    assert not session.tracker.statistics.has_covariances
+    session.tracker.statistics.reduced = other.tracker.statistics.reduced
+    result = session.attribute(1)
+    assert result is not None and session.attributions == 1 and session.last_attribution_step == 1
+    assert session.tracker.statistics.bases is not None  # the eigenbasis was refreshed from the sums
+    session.close()
+
+
 # ------------------------------------------------------------------------------------ Lightning
 @pytest.fixture(scope="module")
 def lightning_runs(tmp_path_factory) -> Path:

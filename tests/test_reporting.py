@@ -234,6 +234,8 @@ def test_depth_bins_and_signed_log_scores():
 
 def test_a_reporter_is_any_object_with_log():
     assert isinstance(TensorBoardReporter(None), Reporter)
+    with pytest.raises(ValueError, match=r"TensorBoardReporter.table_chars must be an integer >= 1, got 0"):
+        TensorBoardReporter(None, table_chars=0)
 
     class Printer:
         def log(self, result, source=None, step=None):
