@@ -24,8 +24,8 @@ attribution the factors are the current eigenbasis with the eigenvalues ``E[(Q_S
 accumulated over the training steps since the previous attribution; right after scoring, the
 eigenbasis is refreshed from the covariances so far and eigenvalue accumulation restarts in it.
 The first attribution has no eigenvalues yet: it eigendecomposes the covariances and runs one
-bounded pass over the candidates (at most ``config.max_fit_batches`` batches; all when ``None``)
-for the eigenvalues; so does any attribution whose eigenvalues rest on fewer than
+bounded pass over the candidates (at most ``config.max_fit_batches`` batches; when ``None``, at most
+`EIGENVALUE_EXAMPLES` evenly spaced candidates) for the eigenvalues; so does any attribution whose eigenvalues rest on fewer than
 ``config.min_statistics_steps`` statistics steps (logged at INFO; the eigenbasis is then kept
 until they do). ``kfac``/``diagonal``/``identity`` need no such pass.
 
@@ -55,7 +55,7 @@ import random
 import time
 import warnings
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -106,6 +106,26 @@ def make_loader(dataset: Any, batch_size: int, collate_fn: Optional[Callable] = 
         dataset = torch.utils.data.Subset(dataset, list(indices))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
                                        num_workers=num_workers, drop_last=False)
+
+
+EIGENVALUE_EXAMPLES = 1024
+
+
+def eigenvalue_loader(candidates: Iterable, config: InfluenceConfig) -> Iterable:
+    """What an attribution's bounded EK-FAC eigenvalue pass reads: the candidates, or, when
+    ``config.max_fit_batches`` is ``None`` and they are a loader over more than
+    `EIGENVALUE_EXAMPLES` examples, that many evenly spaced ones (same batch size and collate), so
+    that the pass never costs an epoch (which streamed candidates exist to avoid)."""
+    if config.max_fit_batches is not None or not isinstance(candidates, torch.utils.data.DataLoader):
+        return candidates
+    try:
+        length = len(candidates.dataset)
+    except TypeError:
+        return candidates
+    if length <= EIGENVALUE_EXAMPLES:
+        return candidates
+    return make_loader(candidates.dataset, candidates.batch_size or 1, candidates.collate_fn,
+                       spaced_indices(length, EIGENVALUE_EXAMPLES), candidates.num_workers)
 
 
 def spaced_indices(length: int, count: int) -> list[int]:
@@ -171,6 +191,7 @@ class InfluenceSession:
         self.artifact_dir: Optional[str] = None
         self.queries: Optional[Iterable] = None
         self.candidates: Optional[Iterable] = None
+        self.eigenvalue_loader: Optional[Iterable] = None
         self.query_indices: Optional[torch.Tensor] = None
         self.candidate_indices: Optional[torch.Tensor] = None
         self.source = DatasetSource()
@@ -196,6 +217,7 @@ class InfluenceSession:
         self.query_indices = None if query_indices is None else torch.as_tensor(list(query_indices), dtype=torch.long)
         self.candidate_indices = None if candidate_indices is None else torch.as_tensor(list(candidate_indices), dtype=torch.long)
         self.source = DatasetSource(query_dataset, candidate_dataset)
+        self.eigenvalue_loader = eigenvalue_loader(candidates, self.config)
         if self.streaming_started:  # new data (another fit): stream again only from `start_streaming`
             self.tracker.set_queries(None)
             self.streaming_started = False
@@ -376,8 +398,13 @@ class InfluenceSession:
                 return None
             try:
                 streamed = self._streamed()  # a collective too: every rank
-                if self.is_main:  # factors only where they are used: other ranks skip the eigenvalue pass
-                    factors = self.tracker.factors(loader=self.candidates, reduced=reduced)
+                streaming = self.tracker.has_queries
+                if self.is_main or streaming:  # other ranks need factors only for their streaming queries
+                    factors = self.tracker.factors(loader=self.eigenvalue_loader, reduced=reduced)
+                if streaming:  # the next interval streams against these factors (identical on every rank)
+                    with self.tolerant(f"preconditioning the streaming queries at step {step}"):
+                        self.tracker.refresh_queries(factors)
+                if self.is_main:
                     self.last_factors = factors
                     result = self._score(factors, step, reason, started, streamed)
             except Exception as error:
@@ -514,17 +541,10 @@ class InfluenceSession:
                 raise
             warnings.warn(f"infl_plugin: {what} failed: {type(error).__name__}: {error}", stacklevel=3)
 
-    @contextmanager
-    def quiet(self) -> Iterator[None]:
+    def quiet(self) -> ContextManager[None]:
         """Pause the tracker's training sink so extra passes (attribution, token views in a
-        reporter) never feed its statistics; restored on exit."""
-        hooks = self.tracker.hooks
-        sink, mask = hooks.sink, hooks.explicit_mask
-        hooks.sink, hooks.explicit_mask = None, None
-        try:
-            yield
-        finally:
-            hooks.sink, hooks.explicit_mask = sink, mask
+        reporter) never feed its statistics or streamed scores; restored on exit."""
+        return self.tracker.paused()
 
     # ----------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict:
@@ -556,9 +576,6 @@ class InfluenceSession:
         self.attributions = int(state["attributions"])
         self.failed_attributions = int(state["failed_attributions"])
         self.failed_batches = int(state["failed_batches"])
-
-
-    _quiet = quiet  # backwards-compatible alias
 
 
 class _NoBar:

@@ -93,6 +93,7 @@ class InfluenceTracker:
         self.scorer = StreamingScorer(self.layers, getattr(torch, self.config.accumulation_dtype))
         self.failed_query_refreshes = 0
         self._queries: Optional[list] = None
+        self._given_factors: Optional[Factors] = None  # the last factors handed to `refresh_queries`
         self._last_query_refresh = 0
         self._dropped_warned = 0
         if queries is not None:
@@ -255,8 +256,9 @@ class InfluenceTracker:
         """
         if self._queries is None:
             raise RuntimeError("No streaming queries: call set_queries(...) first")
-        used = factors.strategy if factors is not None else None
-        if factors is None:
+        if factors is not None:
+            self._given_factors, used = factors, factors.strategy
+        else:
             factors, used = self._streaming_factors()
         with warnings.catch_warnings():  # layer selection warnings were given by the tracker already
             warnings.simplefilter("ignore")
@@ -267,11 +269,23 @@ class InfluenceTracker:
         self._last_query_refresh = self.optimizer_steps
         return used
 
+    @property
+    def has_queries(self) -> bool:
+        """Whether streaming queries are set (`set_queries`)."""
+        return self._queries is not None
+
     def _ready(self) -> str:
         """The preconditioning the statistics allow now: the configured strategy once its factors
         exist (EK-FAC: an eigenbasis with eigenvalues from ``max(1, min_statistics_steps)``
-        statistics steps), else ``"identity"``. Read from counters equal on every process, so the
+        statistics steps), else the strategy of factors given to `refresh_queries` (an
+        attribution's), else ``"identity"``. Read from counters equal on every process, so the
         collectives it leads to are entered by all of them."""
+        own = self._own_ready()
+        if own == "identity" and self._given_factors is not None:
+            return self._given_factors.strategy
+        return own
+
+    def _own_ready(self) -> str:
         strategy = self.config.strategy
         if self.statistics is None or strategy == "identity":
             return "identity"
@@ -283,7 +297,9 @@ class InfluenceTracker:
     def _streaming_factors(self) -> tuple[Factors, str]:
         """Factors for `_ready`'s strategy from the statistics summed over processes (identity when
         the sums lack them, e.g. every batch so far was skipped)."""
-        used = self._ready()
+        used = self._own_ready()
+        if used == "identity" and self._given_factors is not None:
+            return self._given_factors, self._given_factors.strategy
         if used != "identity":
             reduced = self.statistics.reduced()
             complete = reduced.has_covariances if used == "kfac" else reduced.has_eigenvalues

@@ -395,3 +395,58 @@ def test_ddp_gathered_scores_equal_single_process(tmp_path):
     assert gathered.indices.tolist() == single.indices.tolist() == list(range(24))
     assert torch.equal(gathered.visits, single.visits)
     torch.testing.assert_close(gathered.scores, single.scores, rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- with a session
+def test_attributions_hand_their_factors_to_the_streaming_queries():
+    """``candidates="stream"`` with the defaults (statistics every 32nd step, eigenvalues wanted
+    from 32 statistics steps): the tracker's own EK-FAC eigenvalues are far from ready, so the
+    first interval streams plain gradient dot products; the first attribution's EK-FAC factors
+    (bounded eigenvalue pass) then precondition the queries, and the next interval streams exactly
+    the pairwise scores of a checkpoint attributor built on those factors."""
+    items = data(64)
+    queries = list(loader(data(4, seed=3), 4))
+    model = mlp()
+    config = ip.InfluenceConfig(accumulation_dtype="float64", stream_refresh_every=None)
+    session = ip.InfluenceSession(model, ip.ClassificationTask(), config, candidates="stream", progress=False)
+    session.set_data(queries, loader(items, 8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def epoch(lr: float) -> None:
+        for group in opt.param_groups:
+            group["lr"] = lr
+        for i, (x, y) in enumerate(loader(items, 8)):
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            session.after_backward((x, y), indices=torch.arange(i * 8, i * 8 + len(y)))
+
+    try:
+        epoch(0.1)
+        first = session.attribute(8, "manual")
+        assert first.extra["streamed_batches"] == {"identity": 8}
+        assert session.tracker.scorer.preconditioning == "ekfac"
+        epoch(0.0)  # parameters frozen: streamed scores at the same parameters as the attributor's
+        second = session.attribute(16, "manual")
+        assert second.extra["streamed_batches"] == {"ekfac": 8}
+        attributor = ip.Attributor(model, ip.ClassificationTask(), session.last_factors)
+        order = second.candidate_indices.argsort()
+        expected = attributor.pairwise_scores(queries, loader(items, 8))
+        torch.testing.assert_close(second.scores[:, order].double(), expected, rtol=1e-5, atol=1e-8)  # float32 result
+    finally:
+        session.close()
+
+
+def test_the_eigenvalue_pass_of_an_attribution_reads_a_bounded_spaced_subset():
+    """Without ``max_fit_batches`` an attribution's eigenvalue pass reads at most
+    ``EIGENVALUE_EXAMPLES`` evenly spaced candidates (never an epoch); with it, the candidates."""
+    from infl_plugin.session import EIGENVALUE_EXAMPLES, eigenvalue_loader, spaced_indices
+
+    items = list(range(3000))
+    candidates = torch.utils.data.DataLoader(items, batch_size=100)
+    bounded = eigenvalue_loader(candidates, ip.InfluenceConfig())
+    seen = torch.cat(list(bounded)).tolist()
+    assert seen == spaced_indices(3000, EIGENVALUE_EXAMPLES) and bounded.batch_size == 100
+    assert eigenvalue_loader(candidates, ip.InfluenceConfig(max_fit_batches=3)) is candidates
+    small = torch.utils.data.DataLoader(items[:EIGENVALUE_EXAMPLES], batch_size=100)
+    assert eigenvalue_loader(small, ip.InfluenceConfig()) is small
