@@ -170,7 +170,8 @@ def run_cost(quick: bool, repeats: int, publish) -> None:
     sections = []
     step_headers = ["configuration", "ms / step", "× plain", "overhead"]
     example_headers = ["queries", "ms / streamed example", "ms / checkpoint candidate", "streamed / candidate",
-                       "query refresh s", "refresh share of a step at stream_refresh_every=50", "route(s)"]
+                       "query refresh s", f"refresh share of a step at stream_refresh_every={ip.InfluenceConfig().stream_refresh_every}",
+                       "route(s)"]
     variants = [(16, None), (16, 32)] if quick else [(16, None), (64, None), (16, 32), (64, 32)]
     intro = (f"Medians of {repeats} interleaved repetitions of {steps} training steps (width 1024: {max(2, steps // 2)}); "
              "streaming rows score every step's 8 examples against EK-FAC-preconditioned queries (fitted once on 16 "

@@ -76,9 +76,11 @@ class InfluenceConfig(metaclass=_KnownFields):
             trained on at other steps get no score from that visit) for overhead.
         stream_refresh_every: re-differentiate and re-precondition the streaming queries every n
             optimizer steps, at the current parameters with the current factors (one query pass
-            each, about the cost of a training step on the query batches). Default 50: the pass
-            stays a few percent of training, and refreshing every step, every 10 or every 50 steps
-            measured about the same fidelity (benchmarks/streaming.py). ``None``: only when the queries
+            each plus the preconditioning: 1.7 s for 16 full-rank queries on the small GPT-2 of
+            benchmarks/streaming.py, 42 s for rank-32 queries at width 1024, whose exact truncated
+            SVD dominates). Default 200: a few percent of training for a few full-rank queries;
+            refreshing every step, every 10 or every 50 steps measured about the same fidelity, and
+            an `InfluenceSession` (the callbacks) also refreshes them at every attribution. ``None``: only when the queries
             are set or `InfluenceTracker.refresh_queries` is called (no automatic refresh at all).
         stream_weight: per-step weight of streamed scores. ``"none"`` sums an example's scores
             over its visits (the influence of the example at the times it was trained on);
@@ -119,7 +121,7 @@ class InfluenceConfig(metaclass=_KnownFields):
     max_fit_batches: Optional[int] = None
     seed: int = 0
     stream_every: int = 1
-    stream_refresh_every: Optional[int] = 50
+    stream_refresh_every: Optional[int] = 200
     stream_weight: str = "none"
     fisher_samples: int = 1
     half_life: Optional[float] = None
