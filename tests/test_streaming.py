@@ -346,6 +346,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         result = _stream_three_steps(rank, world)
         if rank == 0:
             torch.save(result, out)
+        dist.barrier()  # no process tears gloo down while the other is still inside a collective
     finally:
         dist.destroy_process_group()
 
