@@ -40,6 +40,15 @@ class SeqNet(nn.Module):
         return self.head((h * m).sum(1) / m.sum(1).clamp(min=1))
 
 
+def feature_data(n_train: int, seed: int = 0) -> tuple[torch.utils.data.TensorDataset, torch.utils.data.TensorDataset]:
+    """``n_train`` training and 8 held-out rows of 6 features with 3 classes (callback tests)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train + 8, 6, generator=g)
+    y = (x[:, :3].sum(1) > 0).long() + (x[:, 3:].sum(1) > 0.5).long()
+    dataset = torch.utils.data.TensorDataset
+    return dataset(x[:n_train], y[:n_train]), dataset(x[n_train:], y[n_train:])
+
+
 def image_data(n: int = 12, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(2, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 4, (), generator=g)) for _ in range(n)]

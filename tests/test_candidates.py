@@ -23,6 +23,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, T
 from transformers.utils import logging as hf_logging
 
 import infl_plugin as ip
+from models import feature_data
 from infl_plugin.artifacts import read_artifacts
 from infl_plugin.candidates import TfidfIndex, select_candidates
 from infl_plugin.indices import BatchIndexRecorder
@@ -114,10 +115,7 @@ def test_tfidf_picks_the_lexically_overlapping_examples():
 
 # --------------------------------------------------------------------------------- Lightning
 def _data(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N_TRAIN + 8, 6, generator=g)
-    y = (x[:, :3].sum(1) > 0).long() + (x[:, 3:].sum(1) > 0.5).long()
-    return TensorDataset(x[:N_TRAIN], y[:N_TRAIN]), TensorDataset(x[N_TRAIN:], y[N_TRAIN:])
+    return feature_data(N_TRAIN, seed)
 
 
 class Net(pl.LightningModule):

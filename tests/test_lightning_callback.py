@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import infl_plugin as ip
+from models import feature_data
 from infl_plugin.artifacts import read_artifacts
 from infl_plugin.integrations.lightning import InfluenceCallback, InfluenceCallbackConfig
 from infl_plugin.reporting import signed_log_scores
@@ -33,10 +34,7 @@ N_TRAIN, BATCH = 48, 8  # 6 optimizer steps per epoch
 
 
 def _data(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N_TRAIN + 8, 6, generator=g)
-    y = (x[:, :3].sum(1) > 0).long() + (x[:, 3:].sum(1) > 0.5).long()
-    return TensorDataset(x[:N_TRAIN], y[:N_TRAIN]), TensorDataset(x[N_TRAIN:], y[N_TRAIN:])
+    return feature_data(N_TRAIN, seed)
 
 
 class Net(pl.LightningModule):
