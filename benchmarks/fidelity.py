@@ -157,7 +157,7 @@ def train_tracked(kind: str, x, y, task: ip.Task, configs: dict[str, ip.Influenc
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     batches = [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, n, BATCH)]
-    tracked = {name: ip.InfluenceTracker(model, task, config) for name, config in configs.items()}
+    tracked = {name: ip.InfluenceTracker(model, task, config).attach() for name, config in configs.items()}
     order = torch.Generator().manual_seed(seed)
     step = 0
     for _ in range(EPOCHS):

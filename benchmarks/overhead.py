@@ -111,7 +111,6 @@ def measure(loop: Loop, base: dict, steps: int, repeats: int) -> list[list]:
     for name, (overrides, steady) in tracker_configs().items():
         config = ip.InfluenceConfig(**base, **overrides)
         tracker = ip.InfluenceTracker(loop.model, loop.task, config)
-        tracker.close()
         if steady:  # accumulate some covariances (step 0 is a statistics step), then start the eigenvalue phase
             loop.run(2, tracker)
             tracker.attach()
@@ -171,7 +170,7 @@ def lightning_rows(steps: int, repeats: int) -> list[list]:
         callbacks = []
         if with_callback:
             callbacks = [InfluenceCallback(ip.InfluenceConfig(modules=modules), task="causal_lm", queries=sequences,
-                                           num_queries=2, every_n_steps=None, on_save=False, at_train_end=False,
+                                           num_queries=2, every_n_steps=None, attribute_on_save=False, attribute_at_train_end=False,
                                            candidates="all")]  # statistics only: streaming is benchmarks/streaming.py
         trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, callbacks=callbacks, accelerator="cpu", devices=1)
@@ -202,7 +201,7 @@ def hf_rows(steps: int, repeats: int) -> list[list]:
             callbacks = []
             if with_callback:
                 callbacks = [InfluenceTrainerCallback(None, ip.InfluenceConfig(modules=GPT2_MODULES), ip.CausalLMTask(),
-                                                      on_save=False, at_train_end=False, logdir=out)]
+                                                      attribute_on_save=False, attribute_at_train_end=False, logdir=out)]
             Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=callbacks).train()
 
     med = interleaved({"plain": lambda: fit(False), "callback": lambda: fit(True)}, repeats=repeats, warmup=1)

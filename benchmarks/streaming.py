@@ -100,7 +100,6 @@ def cost_rows(width: int, layers: int, variants: list[tuple[int, Optional[int]]]
 
     def tracker(config: ip.InfluenceConfig, queries: list, steady: bool) -> ip.InfluenceTracker:
         t = ip.InfluenceTracker(model, task, config, queries=queries)
-        t.close()
         if steady:  # covariances from 2 steps, then the eigenvalue phase (the callbacks' steady state)
             loop.run(2, t)
             t.attach()
@@ -111,7 +110,6 @@ def cost_rows(width: int, layers: int, variants: list[tuple[int, Optional[int]]]
     if with_statistics:
         config = ip.InfluenceConfig(modules=GPT2_MODULES, update_every=1)
         stats = ip.InfluenceTracker(model, task, config)
-        stats.close()
         loop.run(2, stats)
         stats.attach()
         stats.refresh_eigenbasis()
@@ -282,7 +280,7 @@ def streamed_run(x, y, queries: list, strategy: str = "ekfac", weight: str = "no
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 - k / total)
     g = torch.Generator().manual_seed(0)
     epochs = []
-    tracker = ip.InfluenceTracker(model, task, config, queries=queries)
+    tracker = ip.InfluenceTracker(model, task, config, queries=queries).attach()
     step = 0
     for _ in range(EPOCHS):
         order = torch.randperm(N_TRAIN, generator=g)

@@ -6,12 +6,16 @@ Data flows one way: hooks → statistics → factors → attributor → reportin
 from .artifacts import AttributionResult, read_artifacts
 from .attributor import Attributor, PreconditionedQueries, TopK
 from .config import InfluenceConfig
-from .errors import BatchFormatError, ConfigurationError, FactorsFileError, InfluenceError, InputOrderError
+from .data import AttributionData, build_attribution_data
+from .errors import (BatchFormatError, ConfigurationError, FactorsFileError, InfluenceError, InputOrderError,
+                     StateFileError)
 from .factors import Factors, LayerFactors
 from .fitting import fit_factors
 from .layers import TrackedLayer, select_layers
 from .memory import MemoryEstimate, estimate_memory
+from .options import AttributionOptions
 from .reporting import Reporter, TensorBoardReporter
+from .schedule import AttributionSchedule, Reason
 from .session import InfluenceSession
 from .streaming import StreamedScores, StreamingScorer
 from .tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
@@ -21,7 +25,10 @@ from .tracker import InfluenceTracker
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttributionData",
+    "AttributionOptions",
     "AttributionResult",
+    "AttributionSchedule",
     "Attributor",
     "BatchFormatError",
     "CausalLMTask",
@@ -37,8 +44,10 @@ __all__ = [
     "LayerFactors",
     "MemoryEstimate",
     "PreconditionedQueries",
+    "Reason",
     "RegressionTask",
     "Reporter",
+    "StateFileError",
     "StreamedScores",
     "StreamingScorer",
     "Task",
@@ -46,6 +55,7 @@ __all__ = [
     "TokenReporter",
     "TopK",
     "TrackedLayer",
+    "build_attribution_data",
     "estimate_memory",
     "fit_factors",
     "read_artifacts",

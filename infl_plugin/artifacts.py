@@ -2,11 +2,11 @@
 
 `AttributionResult` is what `InfluenceSession.attribute` produces and what `TensorBoardReporter`
 logs. `write_artifact` stores it as one ``.npz`` file (arrays + a JSON metadata string, no pickle)
-under ``<logdir>/influence/attribution-step{step:08d}.npz``: it writes ``<name>.tmp`` then
-``os.replace``-s it, so a reader never sees a half-written file. `read_artifacts` finds every
-artifact under a directory (recursively, so a logger's root or version directory both work) and
-returns one row per attribution, as a ``pandas.DataFrame`` when pandas is installed, else a list
-of dicts.
+under ``<logdir>/influence/attribution-step{step:08d}.npz``, atomically (`replace_atomically`: a
+temporary file renamed over it), so a reader never sees a half-written file. `read_artifacts`
+finds every artifact under a directory (recursively, so a logger's root or version directory both
+work) and returns one row per attribution, as a ``pandas.DataFrame`` when pandas is installed,
+else a list of dicts.
 
 Arrays in an artifact (Q queries, N candidates, k = top_k, L layers):
 
@@ -25,6 +25,10 @@ dict), ``layer_names``, ``duration_s``, ``num_candidates``, ``num_train`` (N of 
 loss, for the predicted change ``-score / N``), ``measurement_name``, ``candidate_mode`` (which
 candidates were scored: ``"stream"``, ``"all"``, ``"tfidf"`` or ``"random"``, see
 `infl_plugin.candidates`), ``extra`` (JSON-able, free-form).
+
+Not written: ``token_views`` (query position → `infl_plugin.token_views.TokenViews`: token
+strings and per-token tensors for the reporter's token and layer views); the artifact format does
+not depend on it and `read_artifacts` rows have no such column.
 """
 
 from __future__ import annotations
@@ -33,10 +37,15 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 import torch
+
+from .serialization import replace_atomically
+
+if TYPE_CHECKING:
+    from .token_views import TokenViews
 
 ARTIFACT_DIR = "influence"
 ARTIFACT_PREFIX = "attribution-step"
@@ -72,6 +81,8 @@ class AttributionResult:
     num_train: Optional[int] = None  # examples the training loss averages over (None: num_candidates)
     measurement_name: str = "loss"  # what ``measurements`` and the scores' f are, for display
     candidate_mode: str = "all"  # which candidates were scored (`infl_plugin.candidates`)
+    # query position → views of its top helpful then top harmful sequences (not written to the artifact)
+    token_views: dict[int, TokenViews] = field(default_factory=dict)
 
     @property
     def training_set_size(self) -> int:
@@ -122,7 +133,7 @@ def artifact_path(logdir: Union[str, os.PathLike], step: int) -> Path:
 
 
 def write_artifact(logdir: Union[str, os.PathLike], result: AttributionResult) -> Path:
-    """Write ``result`` atomically (temporary file, then ``os.replace``); returns the path.
+    """Write ``result`` atomically (`replace_atomically`); returns the path.
 
     A second attribution at the same step (e.g. a save right after a scheduled one) replaces the
     first one's file.
@@ -135,12 +146,12 @@ def write_artifact(logdir: Union[str, os.PathLike], result: AttributionResult) -
         if value is not None:
             arrays[name] = value.detach().cpu().numpy()
     arrays["metadata"] = np.array(json.dumps(result.metadata(), default=_json_default))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:  # a file object: given a name, np.savez would append ".npz" to it
+            np.savez(handle, **arrays)
+
+    replace_atomically(path, write)
     return path
 
 

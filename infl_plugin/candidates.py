@@ -139,7 +139,7 @@ def select_candidates(mode: str, size: int, num_candidates: Optional[int] = None
     if mode in ("all", "stream"):
         if num_candidates is None or num_candidates >= size:
             return None
-        from .session import spaced_indices
+        from .data import spaced_indices
 
         return spaced_indices(size, num_candidates)
     if mode == "random":

@@ -182,6 +182,26 @@ class InfluenceConfig(metaclass=_KnownFields):
         return cls(**dict(values))
 
 
+def resolve_config(owner: str, config: Any) -> InfluenceConfig:
+    """``config`` as an `InfluenceConfig`: ``None`` (the defaults), an instance, or a mapping /
+    OmegaConf DictConfig of its fields; anything else raises `ConfigurationError` naming ``owner.config``."""
+    if config is None:
+        return InfluenceConfig()
+    if isinstance(config, InfluenceConfig):
+        return config
+    if hasattr(config, "keys"):
+        try:
+            from omegaconf import DictConfig, OmegaConf
+
+            if isinstance(config, DictConfig):
+                config = OmegaConf.to_container(config, resolve=True)
+        except ImportError:  # pragma: no cover - omegaconf is a dependency
+            pass
+        return InfluenceConfig.from_dict(dict(config))
+    raise ConfigurationError(f"{owner}.config must be None, an InfluenceConfig or a mapping of its fields, got "
+                             f"{type(config).__name__}")
+
+
 def reject_unknown_fields(cls: type, values: Any, owner: Optional[str] = None) -> None:
     """Raise ``ValueError`` naming the keys of ``values`` that are not fields of dataclass ``cls``."""
     known = {f.name for f in fields(cls)}
@@ -221,4 +241,5 @@ InfluenceConfig.__signature__ = inspect.Signature(  # the dataclass fields, not 
     list(inspect.signature(InfluenceConfig.__init__).parameters.values())[1:]
 )
 
-__all__ = ["InfluenceConfig", "STRATEGIES", "FISHERS", "ACCUMULATION_DTYPES", "STREAM_WEIGHTS", "reject_unknown_fields"]
+__all__ = ["InfluenceConfig", "STRATEGIES", "FISHERS", "ACCUMULATION_DTYPES", "STREAM_WEIGHTS", "reject_unknown_fields",
+           "resolve_config"]

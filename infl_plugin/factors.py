@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from .config import InfluenceConfig
 from .errors import ConfigurationError, FactorsFileError
 from .layers import TrackedLayer
+from .serialization import replace_atomically
 from .statistics import CurvatureStatistics
 
 FORMAT_VERSION = 1
@@ -116,9 +117,7 @@ class Factors:
         }
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"infl_plugin": json.dumps(meta)})
-        os.replace(tmp, path)
+        replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={"infl_plugin": json.dumps(meta)}))
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> "Factors":

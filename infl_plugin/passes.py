@@ -1,16 +1,18 @@
 """Explicit forward/backward passes that leave training exactly as it was.
 
 Fitting, sampled-Fisher updates and attribution need their own backward passes. They run with the
-model in eval mode (no dropout, no batch-norm statistic updates), inside a forked RNG (so the
+model in eval mode (no dropout, no batch-norm statistic updates), inside forked RNGs (so the
 training run draws the same random numbers afterwards), and differentiate with respect to the
 tracked layers' outputs only (parameters' ``.grad`` are never touched).
 """
 
 from __future__ import annotations
 
+import random
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,11 +21,28 @@ from .tasks import Task
 
 
 @contextmanager
-def isolated(model: nn.Module) -> Iterator[None]:
-    """Eval mode and a forked RNG for the block; every module's mode is restored after it."""
-    modes = [(m, m.training) for m in model.modules()]
+def forked_rng() -> Iterator[None]:
+    """Fork the global RNGs for the block: torch (CPU + current CUDA device), numpy and ``random``.
+
+    Whatever the block draws, the states are restored after it, so training draws the same random
+    numbers as if the block had not run (only the current CUDA device is forked, and only once
+    CUDA is initialised: forking every device would initialise them all).
+    """
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+@contextmanager
+def isolated(model: nn.Module) -> Iterator[None]:
+    """Eval mode and forked RNGs (`forked_rng`) for the block; every module's mode is restored after it."""
+    modes = [(m, m.training) for m in model.modules()]
+    with forked_rng():
         model.eval()
         try:
             yield

@@ -1,10 +1,10 @@
-"""`InfluenceSession`: tracking, scheduled attribution, reporting and artifacts, framework-free.
+"""`InfluenceSession`: tracking and scheduled attribution inside one training run, framework-free.
 
 A framework adapter (the Lightning callback, the Hugging Face callback) owns one session and only
 translates its framework's events into calls on it::
 
-    session = InfluenceSession(model, task, config, every_n_steps=100, top_k=10)
-    session.set_data(query_loader, candidate_loader, query_dataset=..., candidate_dataset=...)
+    session = InfluenceSession(model, task, config, AttributionOptions(every_n_steps=100))
+    session.set_data(build_attribution_data(session.options, queries, train_set, batch_size=32))
     session.reporter = TensorBoardReporter(writer)          # optional; None = no TensorBoard
     session.artifact_dir = logdir                           # optional; None = no artifacts
     session.attach()                                        # hooks on (setup / train begin)
@@ -12,10 +12,15 @@ translates its framework's events into calls on it::
         session.before_forward(batch)                       # optional (token masks)
         loss.backward()
         session.after_backward(batch, grad_scale, optimizer_step)
-        if optimizer_step: session.maybe_attribute(global_step, "every_n_steps")
-    session.maybe_attribute(global_step, "save")            # on checkpoint save
-    session.maybe_attribute(global_step, "train_end")
+        if optimizer_step: session.maybe_attribute(global_step, Reason.EVERY_N_STEPS)
+    session.maybe_attribute(global_step, Reason.SAVE)       # on checkpoint save
+    session.maybe_attribute(global_step, Reason.TRAIN_END)
     session.close()                                         # hooks off (teardown / exception)
+
+The pieces it wires together, each in its own module: `InfluenceTracker` (hooks and statistics),
+`AttributionSchedule` (when), `AttributionJob` (scoring, into an `AttributionResult` that holds
+every view a reporter shows), `SideTaskPolicy` (isolation from training, tolerance, failure
+counts), a `Reporter` and `write_artifact` (where results go).
 
 **Curvature schedule (EK-FAC).** The covariances A and S accumulate from the training backward
 over the whole run (every ``update_every``-th optimizer step, empirical Fisher; or one extra
@@ -24,115 +29,48 @@ attribution the factors are the current eigenbasis with the eigenvalues ``E[(Q_S
 accumulated over the training steps since the previous attribution; right after scoring, the
 eigenbasis is refreshed from the covariances so far and eigenvalue accumulation restarts in it.
 The first attribution has no eigenvalues yet: it eigendecomposes the covariances and runs one
-bounded pass over the candidates (at most ``config.max_fit_batches`` batches; when ``None``, at most
-`EIGENVALUE_EXAMPLES` evenly spaced candidates) for the eigenvalues; so does any attribution whose eigenvalues rest on fewer than
-``config.min_statistics_steps`` statistics steps (logged at INFO; the eigenbasis is then kept
-until they do). ``kfac``/``diagonal``/``identity`` need no such pass.
-
-**Attribution.** Queries are differentiated and preconditioned once per attribution (kept as
-`last_queries`, with `last_attributor`, for token-level views); the candidates are streamed in a
-fixed order, keeping all scores ``[Q, N]`` (for histograms and the CCDF), each layer's Σ|score|
-(layer shares) and the top-k per query; optionally the self-influence of every candidate. All of
-it runs in eval mode, with gradients enabled even inside ``torch.inference_mode``, inside forked
-torch / numpy / ``random`` RNG states, with the tracker's own hooks paused, and without touching
-any parameter's ``.grad``: training continues bit for bit as without the session.
+bounded pass over the candidates (at most ``config.max_fit_batches`` batches; when ``None``, at
+most `EIGENVALUE_EXAMPLES` evenly spaced candidates) for the eigenvalues; so does any
+attribution whose eigenvalues rest on fewer than ``config.min_statistics_steps`` statistics steps
+(logged at INFO; the eigenbasis is then kept until they do). ``kfac``/``diagonal``/``identity``
+need no such pass.
 
 **Distributed.** Statistics are summed over processes (a collective: call `maybe_attribute` and
 `state_dict` on every rank). An attribution reduces first and takes every decision (are there
 statistics yet?) from the sums, so all ranks follow the same path; factors, scoring, reporting and
 artifacts happen only where ``is_main``, and every rank refreshes its eigenbasis from the same sums.
-
-**Robustness.** A micro-batch whose statistics fail (exception, NaN/inf) is skipped, counted in
-`skipped_batches` / `failed_batches` and warned about; an attribution that raises is warned about
-and counted in `failed_attributions` unless ``strict=True``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import random
-import time
 import warnings
-from contextlib import contextmanager
-from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, ContextManager, Iterable, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from torch import nn
 
 from .artifacts import AttributionResult, write_artifact
 from .attributor import Attributor, PreconditionedQueries
 from .config import InfluenceConfig
+from .data import AttributionData, DatasetSource, eigenvalue_loader
 from .factors import Factors
-from .reporting import Reporter, layer_shares, tail_exponent
-from .statistics import CurvatureStatistics
+from .job import AttributionJob
+from .options import AttributionOptions, resolve_options
 from .passes import isolated
-from .tasks import Task
-from .candidates import CANDIDATE_MODES
+from .reporting import Reporter
+from .schedule import AttributionSchedule, Reason
+from .serialization import clone_state
+from .side_tasks import SideTaskPolicy
+from .statistics import CurvatureStatistics
 from .streaming import StreamedScores
+from .tasks import Task
 from .tracker import InfluenceTracker
 
 logger = logging.getLogger("infl_plugin")
 
-REASONS = ("every_n_steps", "save", "train_end", "evaluate", "manual")
 STATE_VERSION = 1
-
-
-class DatasetSource:
-    """`ExampleSource` over two indexable datasets (``None`` = not renderable)."""
-
-    def __init__(self, query_dataset: Any = None, candidate_dataset: Any = None) -> None:
-        self.query_dataset = query_dataset
-        self.candidate_dataset = candidate_dataset
-
-    def query_example(self, index: int) -> Any:
-        return _get(self.query_dataset, index)
-
-    def candidate_example(self, index: int) -> Any:
-        return _get(self.candidate_dataset, index)
-
-
-def _get(dataset: Any, index: int) -> Any:
-    if dataset is None or not hasattr(dataset, "__getitem__"):
-        return None
-    return dataset[index]
-
-
-def make_loader(dataset: Any, batch_size: int, collate_fn: Optional[Callable] = None,
-                indices: Optional[Sequence[int]] = None, num_workers: int = 0) -> torch.utils.data.DataLoader:
-    """A fixed-order (unshuffled) loader over ``dataset`` (or its ``indices``), for queries or candidates."""
-    if indices is not None:
-        dataset = torch.utils.data.Subset(dataset, list(indices))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
-                                       num_workers=num_workers, drop_last=False)
-
-
-EIGENVALUE_EXAMPLES = 1024
-
-
-def eigenvalue_loader(candidates: Iterable, config: InfluenceConfig) -> Iterable:
-    """What an attribution's bounded EK-FAC eigenvalue pass reads: the candidates, or, when
-    ``config.max_fit_batches`` is ``None`` and they are a loader over more than
-    `EIGENVALUE_EXAMPLES` examples, that many evenly spaced ones (same batch size and collate), so
-    that the pass never costs an epoch (which streamed candidates exist to avoid)."""
-    if config.max_fit_batches is not None or not isinstance(candidates, torch.utils.data.DataLoader):
-        return candidates
-    try:
-        length = len(candidates.dataset)
-    except TypeError:
-        return candidates
-    if length <= EIGENVALUE_EXAMPLES:
-        return candidates
-    return make_loader(candidates.dataset, candidates.batch_size or 1, candidates.collate_fn,
-                       spaced_indices(length, EIGENVALUE_EXAMPLES), candidates.num_workers)
-
-
-def spaced_indices(length: int, count: int) -> list[int]:
-    """``count`` evenly spaced positions in ``range(length)`` (all of them when count ≥ length)."""
-    if count >= length:
-        return list(range(length))
-    return torch.linspace(0, length - 1, count).round().long().tolist()
 
 
 class InfluenceSession:
@@ -142,82 +80,58 @@ class InfluenceSession:
         model: the module being trained (the unwrapped one: no DDP wrapper).
         task: how to get per-example losses from a batch.
         config: the `InfluenceConfig`.
-        every_n_steps: attribute every n optimizer steps (``None``: never on a step count).
-        on_save: attribute when a checkpoint is saved; ``None`` (default): only when ``every_n_steps``
-            is ``None``, so a step schedule is not multiplied by one attribution per checkpoint.
-        at_train_end: attribute when training ends.
-        on_evaluate: attribute after an evaluation (adapters whose framework has such an event).
-        top_k: helpful/harmful examples kept per query.
-        self_influence: also score every candidate's self-influence (forms per-example gradients
-            ``[batch, d_out, d_in]`` per layer: keep off for large layers).
+        options: the `AttributionOptions` (schedule, candidates, top-k, views, strictness), or a
+            mapping of its fields; ``**overrides`` set single fields (``every_n_steps=10``).
         is_main: whether this process scores, reports and writes artifacts (global rank 0).
-        progress: show a progress bar over the candidates during attribution.
         log: a function taking one line (default ``logging.getLogger("infl_plugin").info``).
-        strict: re-raise attribution and statistics errors instead of warning.
-        candidates: what an attribution scores (`infl_plugin.candidates`): ``"stream"`` reads the
-            scores streamed from the training backward since the previous attribution (queries
-            go to the tracker in `set_data`; the candidate loader is scored while none exist);
-            any other mode scores the candidate loader given to `set_data`, chosen by the caller.
+
+    With ``candidates="stream"`` an attribution reads the scores streamed from the training
+    backward since the previous one (the queries go to the tracker in `start_streaming`); the
+    candidate loader is scored while none exist. Hooks go on with `attach`, never in the constructor.
     """
 
-    def __init__(self, model: nn.Module, task: Task, config: Optional[InfluenceConfig] = None, *,
-                 every_n_steps: Optional[int] = None, on_save: Optional[bool] = None, at_train_end: bool = True,
-                 on_evaluate: bool = False, top_k: int = 10, self_influence: bool = False, is_main: bool = True, progress: bool = True,
-                 log: Optional[Callable[[str], None]] = None, strict: bool = False, candidates: str = "all") -> None:
-        if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1):
-            raise ValueError(f"every_n_steps must be None or an integer >= 1, got {every_n_steps!r}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
-        if candidates not in CANDIDATE_MODES:
-            raise ValueError(f"candidates must be one of {list(CANDIDATE_MODES)}, got {candidates!r}")
+    def __init__(self, model: nn.Module, task: Task, config: Optional[InfluenceConfig] = None,
+                 options: Union[AttributionOptions, dict, None] = None, *, is_main: bool = True,
+                 log: Optional[Callable[[str], None]] = None, **overrides: Any) -> None:
         self.model = model
         self.task = task
         self.config = config or InfluenceConfig()
-        self.every_n_steps = every_n_steps
-        self.on_save = (every_n_steps is None) if on_save is None else bool(on_save)
-        self.at_train_end = at_train_end
-        self.on_evaluate = on_evaluate
-        self.top_k = top_k
-        self.self_influence = self_influence
+        self.options = resolve_options("InfluenceSession", options, **overrides)
+        self.schedule = AttributionSchedule.from_options(self.options)
         self.is_main = is_main
-        self.progress = progress
         self.log = log or logger.info
-        self.strict = strict
-        self.candidate_mode = candidates
-        self.unindexed_batches = 0  # streaming micro-batches whose dataset indices were unknown
-        self.streaming_started = False
-        self.tracker = InfluenceTracker(model, task, self.config)  # attaches its hooks
+        self.candidate_mode = self.options.candidate_mode
+        self.tracker = InfluenceTracker(model, task, self.config)
+        self.policy = SideTaskPolicy(self.tracker, self.options.strict)
+        self.job = AttributionJob(model, task, self.config, self.options, show_progress=is_main)
         self.reporter: Optional[Reporter] = None  # e.g. a TensorBoardReporter; None: no report
         self.artifact_dir: Optional[str] = None
-        self.queries: Optional[Iterable] = None
-        self.candidates: Optional[Iterable] = None
+        self.data: Optional[AttributionData] = None
         self.eigenvalue_loader: Optional[Iterable] = None
-        self.query_indices: Optional[torch.Tensor] = None
-        self.candidate_indices: Optional[torch.Tensor] = None
-        self.source = DatasetSource()
-        self.last_attribution_step: Optional[int] = None
+        self.streaming_started = False
+        self.unindexed_batches = 0  # streaming micro-batches whose dataset indices were unknown
         self.attributions = 0
-        self.failed_attributions = 0
-        self.failed_batches = 0
         self.last_result: Optional[AttributionResult] = None
         self.last_factors: Optional[Factors] = None
-        self.last_queries: Optional[PreconditionedQueries] = None
-        self.last_attributor: Optional[Attributor] = None
         self.loss_reduction: Union[None, str, float] = None  # see `check_training_loss`
 
     # ----------------------------------------------------------------------------- data
-    def set_data(self, queries: Iterable, candidates: Iterable, *, query_dataset: Any = None,
-                 candidate_dataset: Any = None, query_indices: Optional[Sequence[int]] = None,
-                 candidate_indices: Optional[Sequence[int]] = None, stream: bool = True) -> None:
-        """Re-iterable loaders of query and candidate batches (fixed order) and, for rendering,
-        the datasets their rows come from: row i of the queries is ``query_dataset[query_indices[i]]``
-        (default ``indices = 0, 1, …``), likewise for candidates. ``stream=False`` defers
-        `start_streaming` (to when the training batches' dataset indices become known)."""
-        self.queries, self.candidates = queries, candidates
-        self.query_indices = None if query_indices is None else torch.as_tensor(list(query_indices), dtype=torch.long)
-        self.candidate_indices = None if candidate_indices is None else torch.as_tensor(list(candidate_indices), dtype=torch.long)
-        self.source = DatasetSource(query_dataset, candidate_dataset)
-        self.eigenvalue_loader = eigenvalue_loader(candidates, self.config)
+    def set_data(self, data: Union[AttributionData, Iterable], candidates: Optional[Iterable] = None, *,
+                 query_dataset: Any = None, candidate_dataset: Any = None,
+                 query_indices: Optional[Sequence[int]] = None, candidate_indices: Optional[Sequence[int]] = None,
+                 stream: bool = True) -> None:
+        """What attributions read: an `AttributionData` (see `build_attribution_data`), or
+        re-iterable query and candidate loaders (fixed order) with, for rendering, the datasets
+        their rows come from (row i of the queries is ``query_dataset[query_indices[i]]``).
+        ``stream=False`` defers `start_streaming` (to when the training batches' dataset indices
+        become known)."""
+        if not isinstance(data, AttributionData):
+            if candidates is None:
+                raise ValueError("InfluenceSession.set_data needs an AttributionData or query and candidate loaders")
+            data = AttributionData(data, candidates, DatasetSource(query_dataset, candidate_dataset), query_indices,
+                                   candidate_indices)
+        self.data = data
+        self.eigenvalue_loader = eigenvalue_loader(data.candidates, self.config)
         if self.streaming_started:  # new data (another fit): stream again only from `start_streaming`
             self.tracker.set_queries(None)
             self.streaming_started = False
@@ -228,15 +142,26 @@ class InfluenceSession:
         """``candidates="stream"``: give the queries to the tracker, which scores every training
         backward against them from now on (once; reads and preconditions the queries: a collective
         when distributed, isolated from training's RNG)."""
-        if self.candidate_mode != "stream" or self.queries is None or self.streaming_started:
+        if self.candidate_mode != "stream" or self.data is None or self.streaming_started:
             return
-        with _forked_rng(), torch.inference_mode(False), torch.enable_grad():  # the tracker pauses its hooks itself
-            self.tracker.set_queries(self.queries)
+        with self.policy.isolated(pause=False):  # installs the streaming sink
+            self.tracker.set_queries(self.data.queries)
         self.streaming_started = True
+
+    def stop_streaming(self) -> None:
+        """Score candidate loaders instead of streaming (the training batches' indices are unknown)."""
+        self.candidate_mode = "all"
+        self.tracker.set_queries(None)
+        self.streaming_started = False
 
     @property
     def has_data(self) -> bool:
-        return self.queries is not None and self.candidates is not None
+        return self.data is not None
+
+    @property
+    def source(self) -> DatasetSource:
+        """The datasets the query and candidate rows come from (for rendering)."""
+        return self.data.source if self.data is not None else DatasetSource()
 
     # ----------------------------------------------------------------------------- lifecycle
     def attach(self) -> "InfluenceSession":
@@ -258,7 +183,7 @@ class InfluenceSession:
         try:
             self.tracker.set_batch(batch)
         except Exception as error:  # never break training
-            self._batch_failed(error)
+            self.policy.batch_failed(error)
 
     @property
     def capturing(self) -> bool:
@@ -291,20 +216,20 @@ class InfluenceSession:
             if self.tracker.statistics is not None:
                 self.tracker.statistics.discard()
             self.tracker.hooks.explicit_mask = None
-            self._batch_failed(error)
+            self.policy.batch_failed(error)
             return False
-
-    def _batch_failed(self, error: Exception) -> None:
-        self.failed_batches += 1
-        if self.strict:
-            raise error
-        if self.failed_batches <= 5 or self.failed_batches % 100 == 0:
-            warnings.warn(f"infl_plugin: skipped a training micro-batch's statistics ({type(error).__name__}: {error}); "
-                          f"{self.failed_batches} skipped so far", stacklevel=3)
 
     @property
     def skipped_batches(self) -> int:
-        return self.tracker.skipped_batches + self.failed_batches
+        return self.tracker.skipped_batches + self.policy.failed_batches
+
+    @property
+    def failed_batches(self) -> int:
+        return self.policy.failed_batches
+
+    @property
+    def failed_attributions(self) -> int:
+        return self.policy.failed_attributions
 
     # ----------------------------------------------------------------------------- loss reduction
     def check_training_loss(self, batch: Any, loss: float, factor: float = 1.0) -> None:
@@ -321,7 +246,7 @@ class InfluenceSession:
         mean = self.task.training_loss_scale(batch)
         if self.loss_reduction is not None or not (math.isfinite(mean) and mean > 0) or math.isclose(mean, 1.0):
             return
-        with self.quiet(), isolated(self.model), torch.no_grad():
+        with self.tracker.paused(), isolated(self.model), torch.no_grad():
             total = float(self.task.loss(self.model, batch).double().sum())
         if not (math.isfinite(total) and total > 0 and math.isfinite(loss) and loss > 0):
             return  # cannot tell from this batch; the next statistics micro-batch tries again
@@ -340,7 +265,7 @@ class InfluenceSession:
         else:
             self.loss_reduction = "mean"
             return
-        if self.strict:
+        if self.policy.strict:
             raise ValueError(message + " (strict=True refuses the mismatch: make the loss a batch mean or pass a Task "
                              "whose training_loss_scale matches it)")
         warnings.warn(message, stacklevel=2)
@@ -355,40 +280,28 @@ class InfluenceSession:
         return self.task.training_loss_scale(batch)
 
     # ----------------------------------------------------------------------------- schedule
-    def should_attribute(self, step: int, reason: str) -> bool:
+    def should_attribute(self, step: int, reason: Union[str, Reason]) -> bool:
         """Whether the schedule asks for an attribution at ``step`` for ``reason`` (at most one per step)."""
-        if reason not in REASONS:
-            raise ValueError(f"reason must be one of {list(REASONS)}, got {reason!r}")
-        if self.last_attribution_step == step:
-            return False
-        if reason == "every_n_steps":
-            return self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0
-        if reason == "save":
-            return self.on_save
-        if reason == "train_end":
-            return self.at_train_end
-        if reason == "evaluate":
-            return self.on_evaluate
-        return True
+        return self.schedule.due(step, reason)
 
-    def maybe_attribute(self, step: int, reason: str) -> Optional[AttributionResult]:
+    def maybe_attribute(self, step: int, reason: Union[str, Reason]) -> Optional[AttributionResult]:
         """`attribute` when `should_attribute`; call on every rank (factors are reduced)."""
-        if not self.should_attribute(step, reason):
+        if not self.schedule.due(step, reason):
             return None
         return self.attribute(step, reason)
 
     # ----------------------------------------------------------------------------- attribution
-    def attribute(self, step: int, reason: str = "manual") -> Optional[AttributionResult]:
-        """Factors → scores → report → artifact, then refresh the EK-FAC eigenbasis.
+    def attribute(self, step: int, reason: Union[str, Reason] = Reason.MANUAL) -> Optional[AttributionResult]:
+        """Factors → `AttributionJob` → report and artifact, then refresh the EK-FAC eigenbasis.
 
         Returns the result on the main process (``None`` elsewhere, when no statistics exist yet,
         or when the attribution failed and ``strict`` is off).
         """
-        if not self.has_data:
-            raise RuntimeError("InfluenceSession.set_data(queries, candidates) must be called before attributing")
-        started = time.perf_counter()
+        if self.data is None:
+            raise RuntimeError("InfluenceSession.set_data(...) must be called before attributing")
+        reason = Reason.parse(reason).value
         result = None
-        with self.quiet(), _forked_rng(), torch.inference_mode(False), torch.enable_grad():
+        with self.policy.isolated():
             # the statistics' reduction, on every rank before any branch: all decisions below read
             # the sums, so every process takes the same path (to the gather of streamed scores too)
             reduced = None if self.tracker.statistics is None else self.tracker.statistics.reduced()
@@ -402,25 +315,38 @@ class InfluenceSession:
                 if self.is_main or streaming:  # other ranks need factors only for their streaming queries
                     factors = self.tracker.factors(loader=self.eigenvalue_loader, reduced=reduced)
                 if streaming:  # the next interval streams against these factors (identical on every rank)
-                    with self.tolerant(f"preconditioning the streaming queries at step {step}"):
+                    with self.policy.tolerant(f"preconditioning the streaming queries at step {step}"):
                         self.tracker.refresh_queries(factors)
                 if self.is_main:
                     self.last_factors = factors
-                    result = self._score(factors, step, reason, started, streamed)
+                    result = self.job.run(factors, self.data, step, reason, streamed, extra={
+                        "skipped_batches": self.skipped_batches, "optimizer_steps": self.tracker.optimizer_steps})
+                    with self.policy.tolerant(f"computing the token views of step {step}"):
+                        self.job.add_token_views(result, self.data)
             except Exception as error:
-                self.failed_attributions += 1
-                if self.strict:
-                    raise
-                warnings.warn(f"infl_plugin: attribution at step {step} ({reason}) failed: "
-                              f"{type(error).__name__}: {error}", stacklevel=2)
+                self.policy.attribution_failed(error, f"attribution at step {step} ({reason})")
             finally:
-                with self.tolerant(f"refreshing the eigenbasis at step {step}"):
+                with self.policy.tolerant(f"refreshing the eigenbasis at step {step}"):
                     self.tracker.refresh_eigenbasis(reduced)
-        self.last_attribution_step = step
+        self.schedule.last_step = step
         self.attributions += 1
         if result is not None:
             self._publish(result)
         return result
+
+    @property
+    def last_attributor(self) -> Optional[Attributor]:
+        """The attributor of the latest attribution (main process), for further views."""
+        return self.job.attributor
+
+    @property
+    def last_queries(self) -> Optional[PreconditionedQueries]:
+        """The latest attribution's preconditioned queries (main process)."""
+        return self.job.queries
+
+    @property
+    def last_attribution_step(self) -> Optional[int]:
+        return self.schedule.last_step
 
     def _streamed(self) -> Optional[StreamedScores]:
         """``candidates="stream"``: the scores streamed since the previous attribution, gathered
@@ -440,111 +366,22 @@ class InfluenceSession:
             return reduced.has_eigenvalues
         return reduced.has_covariances
 
-    def _score(self, factors: Factors, step: int, reason: str, started: float,
-               streamed: Optional[StreamedScores] = None) -> AttributionResult:
-        attributor = Attributor(self.model, self.task, factors, self.config)
-        pq = attributor.precondition(self.queries)
-        self.last_attributor, self.last_queries = attributor, pq
-        extra: dict[str, Any] = {"candidates_requested": self.candidate_mode}
-        if streamed is not None:  # no candidate pass: the scores streamed from the training backward
-            scores, candidate_indices = streamed.scores.float().cpu(), streamed.indices.cpu()
-            shares, layer_names, self_scores, mode = torch.zeros(scores.shape[0], 0), [], None, "stream"
-            extra.update(streamed_visits=int(streamed.visits.sum()), streamed_batches=dict(streamed.batches))
-        else:
-            scores, abs_sums, self_scores = self._candidate_pass(attributor, pq, step)
-            shares, layer_names = layer_shares(abs_sums), attributor.layer_names
-            mode = "all" if self.candidate_mode == "stream" else self.candidate_mode
-            candidate_indices = self.candidate_indices if self.candidate_indices is not None else torch.arange(scores.shape[1])
-            if candidate_indices.numel() != scores.shape[1]:
-                raise ValueError(f"candidate_indices has {candidate_indices.numel()} entries but {scores.shape[1]} "
-                                 "candidates were scored")
-        n = scores.shape[1]
-        if n == 0:
-            raise ValueError("No candidate was scored")
-        query_indices = self.query_indices if self.query_indices is not None else torch.arange(len(pq))
-        k = min(self.top_k, n)
-        helpful_scores, helpful_pos = scores.nan_to_num(float("-inf")).topk(k, dim=1)
-        harmful_scores, harmful_pos = scores.nan_to_num(float("inf")).topk(k, dim=1, largest=False)
-        return AttributionResult(
-            step=int(step), reason=reason, scores=scores, candidate_indices=candidate_indices.clone(),
-            query_indices=query_indices.clone(), measurements=pq.measurements.float().cpu(),
-            helpful_indices=candidate_indices[helpful_pos], helpful_scores=helpful_scores,
-            harmful_indices=candidate_indices[harmful_pos], harmful_scores=harmful_scores,
-            layer_names=layer_names, layer_shares=shares, candidate_mode=mode,
-            tail_exponents=torch.tensor([tail_exponent(scores[q]) for q in range(scores.shape[0])], dtype=torch.float32),
-            strategy=self.config.strategy, fisher=self.config.fisher, config=self.config.to_dict(),
-            duration_s=time.perf_counter() - started, self_scores=self_scores,
-            extra={"skipped_batches": self.skipped_batches, "optimizer_steps": self.tracker.optimizer_steps, **extra},
-            num_train=_sized(self.source.candidate_dataset),
-            measurement_name=str(getattr(self.task, "measurement_name", "loss")),
-        )
-
-    def _candidate_pass(self, attributor: Attributor, pq: PreconditionedQueries,
-                        step: int) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """Score the candidate loader: scores ``[Q, N]``, per-layer Σ|score| ``[L, Q]`` and, when
-        ``self_influence``, self-influence ``[N]``."""
-        total = _length(self.candidates, self.candidate_indices)
-        bar = self._progress_bar(total, f"influence @ step {step}")
-        abs_sums = None
-        parts: list[torch.Tensor] = []
-        try:
-            for _, per_layer in attributor.iter_scores(pq, self.candidates):  # [L, Q, B]
-                layer_abs = per_layer.abs().nan_to_num(0.0, posinf=0.0, neginf=0.0).sum(-1).double().cpu()
-                abs_sums = layer_abs if abs_sums is None else abs_sums + layer_abs
-                parts.append(per_layer.sum(0).float().cpu())
-                bar.update(per_layer.shape[-1])
-            self_scores = None
-            if self.self_influence:
-                bar.set_description(f"self-influence @ step {step}")
-                self_scores = attributor.self_scores(self.candidates).float().cpu()
-        finally:
-            bar.close()
-        if not parts:
-            raise ValueError("The candidate loader yielded no batch")
-        return torch.cat(parts, dim=1), abs_sums, self_scores
-
     def _publish(self, result: AttributionResult) -> None:
         """Report and write the artifact (main process); failures warn, never raise (unless strict)."""
         self.last_result = result
-        for what, action in (("report", self._report), ("artifact", self._write)):
-            with self.tolerant(f"writing the {what} of step {result.step}"), self.quiet(), _forked_rng(), \
-                    torch.inference_mode(False), torch.enable_grad():
-                action(result)
+        if self.reporter is not None:
+            with self.policy.tolerant(f"writing the report of step {result.step}"), self.policy.isolated():
+                self.reporter.log(result, self.source, result.step)
+        if self.artifact_dir is not None:
+            with self.policy.tolerant(f"writing the artifact of step {result.step}"):
+                write_artifact(self.artifact_dir, result)
         self.log(f"infl_plugin: attribution at step {result.step} ({result.reason}) scored {result.num_candidates} "
                  f"candidates ({result.candidate_mode}) against {result.num_queries} queries in {result.duration_s:.2f}s "
                  f"(strategy={result.strategy}, fisher={result.fisher})")
 
-    def _report(self, result: AttributionResult) -> None:
-        if self.reporter is not None:
-            self.reporter.log(result, self.source, result.step)
-
-    def _write(self, result: AttributionResult) -> None:
-        if self.artifact_dir is not None:
-            write_artifact(self.artifact_dir, result)
-
-    def _progress_bar(self, total: Optional[int], description: str):
-        if not (self.progress and self.is_main):
-            return _NoBar()
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:  # pragma: no cover
-            return _NoBar()
-        return tqdm(total=total, desc=description, unit="ex", leave=False, dynamic_ncols=True)
-
-    @contextmanager
-    def tolerant(self, what: str) -> Iterator[None]:
+    def tolerant(self, what: str) -> ContextManager[None]:
         """Run a side task of training: an error is raised when ``strict``, else warned about."""
-        try:
-            yield
-        except Exception as error:
-            if self.strict:
-                raise
-            warnings.warn(f"infl_plugin: {what} failed: {type(error).__name__}: {error}", stacklevel=3)
-
-    def quiet(self) -> ContextManager[None]:
-        """Pause the tracker's training sink so extra passes (attribution, token views in a
-        reporter) never feed its statistics or streamed scores; restored on exit."""
-        return self.tracker.paused()
+        return self.policy.tolerant(what)
 
     # ----------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict:
@@ -554,14 +391,14 @@ class InfluenceSession:
         """
         tracker_state = self.tracker.state_dict()
         if self.tracker.statistics is not None:
-            tracker_state["statistics"] = _clone(self.tracker.statistics.reduced().state_dict())
+            tracker_state["statistics"] = clone_state(self.tracker.statistics.reduced().state_dict())
         return {
             "version": STATE_VERSION,
             "tracker": tracker_state,
-            "last_attribution_step": self.last_attribution_step,
+            "last_attribution_step": self.schedule.last_step,
             "attributions": self.attributions,
-            "failed_attributions": self.failed_attributions,
-            "failed_batches": self.failed_batches,
+            "failed_attributions": self.policy.failed_attributions,
+            "failed_batches": self.policy.failed_batches,
         }
 
     def load_state_dict(self, state: dict, rank: int = 0) -> None:
@@ -569,65 +406,13 @@ class InfluenceSession:
         keeps the sums; other ranks start from zero in the same eigenbasis."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"Unsupported InfluenceSession state version {state.get('version')!r}")
-        self.tracker.load_state_dict(_clone(state["tracker"]))
+        self.tracker.load_state_dict(clone_state(state["tracker"]))
         if rank != 0 and self.tracker.statistics is not None:
             self.tracker.statistics.reset(covariances=True, eigenvalues=True)
-        self.last_attribution_step = state["last_attribution_step"]
+        self.schedule.last_step = state["last_attribution_step"]
         self.attributions = int(state["attributions"])
-        self.failed_attributions = int(state["failed_attributions"])
-        self.failed_batches = int(state["failed_batches"])
+        self.policy.failed_attributions = int(state["failed_attributions"])
+        self.policy.failed_batches = int(state["failed_batches"])
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_description(self, text: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _length(loader: Any, indices: Optional[torch.Tensor]) -> Optional[int]:
-    if indices is not None:
-        return int(indices.numel())
-    dataset = getattr(loader, "dataset", None)
-    try:
-        return len(dataset) if dataset is not None else None
-    except TypeError:
-        return None
-
-
-def _sized(dataset: Any) -> Optional[int]:
-    """``len(dataset)`` (the N of the mean training loss when it is the training set), else ``None``."""
-    try:
-        return len(dataset) if dataset is not None else None
-    except TypeError:
-        return None
-
-
-def _clone(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        return {k: _clone(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_clone(v) for v in value)
-    return value
-
-
-@contextmanager
-def _forked_rng() -> Iterator[None]:
-    """Fork torch (CPU + current CUDA device), numpy and ``random`` global RNG states."""
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    py_state, np_state = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-
-
-__all__ = ["DatasetSource", "InfluenceSession", "REASONS", "make_loader", "spaced_indices"]
+__all__ = ["InfluenceSession", "STATE_VERSION"]

@@ -1,5 +1,16 @@
 """`InfluenceTracker`: curvature statistics accumulated during the user's own training loop.
 
+Constructing a tracker only builds its state; its hooks go on the model explicitly and come off
+on `close` (or at the end of the ``with`` block)::
+
+    with InfluenceTracker(model, task, config) as tracker:  # or: tracker = InfluenceTracker(...).attach()
+        for epoch in range(epochs):
+            for batch in loader:
+                loss = ...; loss.backward(); optimizer.step(); optimizer.zero_grad()
+                tracker.step(batch)
+            tracker.refresh_eigenbasis()
+    factors = tracker.factors(loader)  # a bounded pass (hooks on for it alone) only if still needed
+
 With ``fisher="empirical"`` the statistics come from the training backward itself: hooks capture
 ``(a, g)`` while ``loss.backward()`` runs and `InfluenceTracker.step` commits them, undoing the
 loss scaling (mean over the batch, gradient accumulation, AMP loss scale) so they are per-example.
@@ -61,6 +72,9 @@ logger = logging.getLogger(__name__)
 class InfluenceTracker:
     """Accumulates curvature statistics from the training loop; a context manager.
 
+    The constructor registers no hooks on ``model``: `attach` does (idempotent; returns the
+    tracker, so ``tracker = InfluenceTracker(...).attach()``), and so does entering
+    ``with InfluenceTracker(...) as tracker:``; `close` (or leaving the block) removes them all.
     Call `step` once after each micro-batch's ``backward()`` (and after ``optimizer.step()``, so
     that streaming queries refreshed there are at the parameters of the next backward);
     ``optimizer_step=False`` marks micro-batches that do not end an optimizer step (gradient
@@ -98,13 +112,18 @@ class InfluenceTracker:
         self._dropped_warned = 0
         if queries is not None:
             self.set_queries(queries)
-        self.attach()
 
     # ----------------------------------------------------------------------------- lifecycle
     def attach(self) -> "InfluenceTracker":
+        """Register the hooks on the model (idempotent); returns the tracker."""
         self.hooks.attach()
         self._arm()
         return self
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are on the model (between `attach` and `close`)."""
+        return self.hooks.attached
 
     def close(self) -> None:
         """Remove every hook (also safe after an exception or a second call)."""
@@ -118,6 +137,17 @@ class InfluenceTracker:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @contextmanager
+    def _hooked(self) -> Iterator[None]:
+        """Hooks on for an explicit pass inside the block; removed after it unless attached before."""
+        attached = self.hooks.attached
+        self.hooks.attach()
+        try:
+            yield
+        finally:
+            if not attached:
+                self.hooks.close()
 
     @property
     def skipped_batches(self) -> int:
@@ -148,7 +178,12 @@ class InfluenceTracker:
                 ``stream_weight="lr"``, where it is required); default 1.
             stream: ``False`` leaves this micro-batch out of the streamed scores (its dataset
                 indices are unknown); its statistics are committed as usual.
+
+        Raises ``RuntimeError`` when the hooks are not attached (nothing was captured).
         """
+        if not self.hooks.attached:
+            raise RuntimeError("InfluenceTracker.step: the hooks are not attached, so the backward was not "
+                               "captured; call tracker.attach() or use `with InfluenceTracker(...) as tracker:`")
         if self.streaming and stream:
             self._stream(batch, grad_scale, indices, weight)
         else:
@@ -451,7 +486,7 @@ class InfluenceTracker:
                 )
             statistics.set_basis(eigenbases(statistics))
             statistics.covariances = False
-            with isolated(self.model):
+            with self._hooked(), isolated(self.model):
                 accumulate(self.model, self.task, self.hooks, statistics, loader, self.config, self.generator)
         return compute_factors(statistics, self.layers, self.config)
 

@@ -37,31 +37,31 @@ micro-batch or attribution only warns.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 import warnings
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback
 
-from infl_plugin.candidates import DEFAULT_CANDIDATES, check_candidates, dataset_documents, select_candidates
-from infl_plugin.config import InfluenceConfig
-from infl_plugin.errors import ConfigurationError, StateFileError
+from infl_plugin.config import InfluenceConfig, resolve_config
+from infl_plugin.data import build_attribution_data
+from infl_plugin.errors import ConfigurationError
 from infl_plugin.indices import BatchIndexRecorder
-from infl_plugin.session import InfluenceSession, make_loader
+from infl_plugin.options import AttributionOptions, resolve_options
+from infl_plugin.schedule import Reason
+from infl_plugin.session import InfluenceSession
+from infl_plugin.serialization import STATE_FILE, load_state, save_state
+from infl_plugin.serialization import state_path as _state_path
 from infl_plugin.tasks import IGNORE_INDEX, CausalLMTask, ClassificationTask, Task
 from infl_plugin.token_report import TokenReporter
 
-STATE_FILE = "influence_state"  # checkpoint-N/influence_state.safetensors + .json
 MAX_PENDING = 4  # recorded micro-batches kept between commits (1 inside the Trainer's loop)
 
 
@@ -253,44 +253,31 @@ class InfluenceTrainerCallback(TrainerCallback):
 
     Args:
         queries: the examples to explain (indexable, same format as training examples; collated
-            with ``collate_fn``), or a ready ``DataLoader`` of query batches. ``None``: statistics
-            are tracked and checkpointed but nothing is attributed.
-        config: `InfluenceConfig` (or a dict of its fields).
+            with ``collate_fn``; ``options.num_queries`` evenly spaced ones are used), or a ready
+            ``DataLoader`` of query batches. ``None``: statistics are tracked and checkpointed but
+            nothing is attributed.
+        config: `InfluenceConfig` (or a mapping / DictConfig of its fields).
         task: how per-example losses are computed; default from the model class (``*ForCausalLM``
             / LM-head models → `CausalLMTask`, ``*ForSequenceClassification`` → `ClassificationTask`).
-        candidates: what an attribution scores (see `infl_plugin.candidates`): ``"stream"``
-            (default: the training examples seen since the previous attribution, with the scores
-            streamed from their training backward, no candidate pass; ``"all"`` until streamed
-            scores exist), ``"all"`` (a pass over the training loader's dataset, in dataset
-            order), ``"tfidf"`` (each query's ``num_candidates`` nearest training examples by
-            TF-IDF of their text, decoded with ``processing_class`` when given), ``"random"`` (a
-            fixed seeded subset of ``num_candidates``), or indexable examples to score in full.
-            The dataset indices of training batches are read from the training loader's batch
-            sampler (`infl_plugin.indices.BatchIndexRecorder`); a resumed run drops the records
-            of the batches its first epoch skips (the Trainer's rule, unless ``ignore_data_skip``).
-        num_candidates: ``"tfidf"``: candidates per query; ``"random"``: subset size; ``"all"`` and
-            the ``"stream"`` fallback: score at most this many evenly spaced examples (``None``: all).
-        max_candidates: deprecated name of ``num_candidates``.
+        options: the `AttributionOptions` shared with the Lightning callback (schedule, candidates,
+            top-k, token views, strictness), or a mapping / DictConfig of its fields (an OmegaConf
+            structured config). With ``candidates="stream"`` the dataset indices of training
+            batches are read from the training loader's batch sampler
+            (`infl_plugin.indices.BatchIndexRecorder`); a resumed run drops the records of the
+            batches its first epoch skips (the Trainer's rule, unless ``ignore_data_skip``).
+            ``"tfidf"`` decodes token ids with ``processing_class``. ``batch_size`` defaults to
+            ``per_device_eval_batch_size``; ``progress`` is off with ``disable_tqdm``.
         collate_fn: batches query/candidate examples; default the training loader's (the Trainer's
             ``data_collator`` after its removal of unused dataset columns).
-        batch_size: batch size of the attribution passes (default ``per_device_eval_batch_size``).
-        every_n_steps: also attribute every n optimizer steps.
-        on_save / on_evaluate / at_train_end: attribute at checkpoint saves / evaluations / the end
-            (kept as ``attribute_on_save`` / ``attribute_on_evaluate`` / ``attribute_at_train_end``);
-            ``on_save=None`` (default) attributes at saves only when ``every_n_steps`` is ``None``.
-        top_k: helpful and harmful examples kept per query.
-        token_sequences: top sequences per query shown with their tokens marked (0: none).
-        top_tokens: tokens marked per sequence.
-        self_influence: also compute every candidate's self-influence.
         writer: a ``SummaryWriter`` to log to; default one opened in `tensorboard_logdir`.
         logdir: where artifacts (and the default writer) go, overriding the above.
         resume_from: a checkpoint directory to restore the influence state from; by default a
             resumed run (``global_step > 0``) reads ``args.resume_from_checkpoint`` or
             ``output_dir/checkpoint-{global_step}``. A missing or damaged state warns and
-            statistics restart from zero (``strict``: a damaged one raises `StateFileError`).
-        strict: raise statistics, attribution and checkpoint-state errors instead of warning.
+            statistics restart from zero (``options.strict``: a damaged one raises `StateFileError`).
+        **overrides: single `AttributionOptions` fields (``every_n_steps=100``, ``candidates="all"``).
 
-    Invalid arguments raise `ConfigurationError` (a ``ValueError``) naming the argument.
+    Invalid arguments raise `ConfigurationError` (a ``ValueError``) naming the argument, at construction.
     """
 
     def __init__(
@@ -299,71 +286,30 @@ class InfluenceTrainerCallback(TrainerCallback):
         config: Union[InfluenceConfig, dict, None] = None,
         task: Optional[Task] = None,
         *,
-        candidates: Any = DEFAULT_CANDIDATES,
-        num_candidates: Optional[int] = None,
-        max_candidates: Optional[int] = None,
+        options: Union[AttributionOptions, dict, None] = None,
         collate_fn: Optional[Callable[[list], Any]] = None,
-        batch_size: Optional[int] = None,
-        every_n_steps: Optional[int] = None,
-        on_save: Optional[bool] = None,
-        on_evaluate: bool = False,
-        at_train_end: bool = True,
-        top_k: int = 10,
-        token_sequences: int = 3,
-        top_tokens: int = 8,
-        self_influence: bool = False,
         writer: Any = None,
         logdir: Optional[Union[str, os.PathLike]] = None,
         resume_from: Optional[Union[str, os.PathLike]] = None,
-        strict: bool = False,
+        **overrides: Any,
     ) -> None:
-        self.config = _config(config)
+        self.config = resolve_config("InfluenceTrainerCallback", config)
         _check(task is None or isinstance(task, Task), "task", task, "None or an infl_plugin.Task instance")
         _check(queries is None or isinstance(queries, torch.utils.data.DataLoader) or _indexable(queries), "queries",
                queries, "None, a DataLoader or an indexable collection of examples")
-        for name, value, minimum, optional in (("max_candidates", max_candidates, 1, True),
-                                               ("batch_size", batch_size, 1, True),
-                                               ("every_n_steps", every_n_steps, 1, True), ("top_k", top_k, 1, False),
-                                               ("token_sequences", token_sequences, 0, False),
-                                               ("top_tokens", top_tokens, 1, False)):
-            _check_int(name, value, minimum, optional)
-        _check(on_save is None or isinstance(on_save, bool), "on_save", on_save, "None, True or False")
-        for name, value in (("on_evaluate", on_evaluate), ("at_train_end", at_train_end),
-                            ("self_influence", self_influence), ("strict", strict)):
-            _check(isinstance(value, bool), name, value, "True or False")
         _check(collate_fn is None or callable(collate_fn), "collate_fn", collate_fn, "None or a callable")
         _check(writer is None or callable(getattr(writer, "add_scalar", None)), "writer", writer,
                "None or a SummaryWriter-like object (with add_scalar)")
         for name, value in (("logdir", logdir), ("resume_from", resume_from)):
             _check(value is None or isinstance(value, (str, os.PathLike)), name, value, "None or a path")
+        self.options = resolve_options("InfluenceTrainerCallback", options, **overrides)
         self.queries = queries
         self.task = task
-        if max_candidates is not None:
-            _check(num_candidates is None, "max_candidates", max_candidates,
-                   "None (it is the deprecated name of num_candidates: set only num_candidates)")
-            warnings.warn("InfluenceTrainerCallback.max_candidates is deprecated: use num_candidates",
-                          DeprecationWarning, stacklevel=2)
-            num_candidates = max_candidates
-        candidates = DEFAULT_CANDIDATES if candidates is None else candidates
-        check_candidates(candidates, num_candidates, "InfluenceTrainerCallback", allow_dataset=True)
-        self.candidates = candidates
-        self.num_candidates = num_candidates
-        self.max_candidates = num_candidates  # deprecated alias
         self.indices = BatchIndexRecorder()
         self.collate_fn = collate_fn
-        self.batch_size = batch_size
-        self.every_n_steps = every_n_steps
-        self.attribute_on_save = (every_n_steps is None) if on_save is None else on_save
-        self.attribute_on_evaluate = on_evaluate
-        self.attribute_at_train_end = at_train_end
-        self.top_k = top_k
-        self.token_sequences = token_sequences
-        self.top_tokens = top_tokens
-        self.self_influence = self_influence
         self.writer = writer
         self.logdir = None if logdir is None else os.fspath(logdir)
         self.resume_from = None if resume_from is None else os.fspath(resume_from)
-        self.strict = strict
         self.session: Optional[InfluenceSession] = None
         self.inputs: Optional[TrainingInputs] = None
         self._own_writer: Any = None
@@ -394,17 +340,14 @@ class InfluenceTrainerCallback(TrainerCallback):
         if self.session.candidate_mode == "stream" and self.session.has_data:
             self._start_indices(train_dataloader, _resumed_batches(args, state, train_dataloader))
         if state.is_world_process_zero:
-            self._open_reporter(args, processing_class, collate)
+            self._open_reporter(args, processing_class)
         self.session.attach()
         self.inputs.attach()
 
     def _new_session(self, model: nn.Module, args: Any, state: Any) -> InfluenceSession:
-        return InfluenceSession(
-            model, self.task or default_task(model), self.config, every_n_steps=self.every_n_steps,
-            on_save=self.attribute_on_save, at_train_end=self.attribute_at_train_end,
-            on_evaluate=self.attribute_on_evaluate, top_k=self.top_k, self_influence=self.self_influence,
-            is_main=state.is_world_process_zero, progress=not getattr(args, "disable_tqdm", False), strict=self.strict,
-            candidates=self.candidates if isinstance(self.candidates, str) else "all")
+        options = replace(self.options, progress=False) if getattr(args, "disable_tqdm", False) else self.options
+        return InfluenceSession(model, self.task or default_task(model), self.config, options,
+                                is_main=state.is_world_process_zero)
 
     def _start_indices(self, train_dataloader: Any, skipped: Optional[int]) -> None:
         """``candidates="stream"``: record the dataset indices of the training batches from the
@@ -413,8 +356,7 @@ class InfluenceTrainerCallback(TrainerCallback):
             self._warn_once("no-indices", "infl_plugin: candidates='stream' needs the dataset indices of training "
                             "batches, which a loader without a batch sampler (an IterableDataset) does not give; "
                             "scoring candidates='all' instead")
-            self.session.candidate_mode = "all"
-            self.session.tracker.set_queries(None)
+            self.session.stop_streaming()
         elif skipped != 0:  # a resumed epoch first skips the batches trained before the checkpoint
             self.indices.skip_next_iteration(skipped)
 
@@ -423,7 +365,7 @@ class InfluenceTrainerCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs) -> None:
         try:
-            self._attribute(state.global_step, "train_end")
+            self._attribute(state.global_step, Reason.TRAIN_END)
         finally:
             self.close()
 
@@ -480,19 +422,19 @@ class InfluenceTrainerCallback(TrainerCallback):
 
     # ----------------------------------------------------------------------------- attribution
     def on_step_end(self, args, state, control, **kwargs) -> None:
-        self._attribute(state.global_step, "every_n_steps")
+        self._attribute(state.global_step, Reason.EVERY_N_STEPS)
 
     def on_evaluate(self, args, state, control, **kwargs) -> None:
-        self._attribute(state.global_step, "evaluate")
+        self._attribute(state.global_step, Reason.EVALUATE)
 
     def on_save(self, args, state, control, **kwargs) -> None:
         if self.session is None:
             return
-        self._attribute(state.global_step, "save")
+        self._attribute(state.global_step, Reason.SAVE)
         with self.session.tolerant("writing the influence state into the checkpoint"):
             self._save_state(args, state)
 
-    def _attribute(self, step: int, reason: str) -> None:
+    def _attribute(self, step: int, reason: Reason) -> None:
         if self.session is not None and self.session.has_data:
             self.session.maybe_attribute(step, reason)
 
@@ -502,33 +444,25 @@ class InfluenceTrainerCallback(TrainerCallback):
             self._warn_once("no-queries", "infl_plugin: InfluenceTrainerCallback got no queries; curvature statistics "
                             "are tracked and checkpointed, nothing is attributed")
             return
-        mode = self.candidates if isinstance(self.candidates, str) else "all"
-        candidates = getattr(train_dataloader, "dataset", None) if isinstance(self.candidates, str) else self.candidates
-        if candidates is None or not _indexable(candidates):
+        training_set = getattr(train_dataloader, "dataset", None)
+        if self.options.candidate_dataset is None and (training_set is None or not _indexable(training_set)):
             raise ConfigurationError("InfluenceTrainerCallback.candidates: the training loader's dataset is not "
                                      "indexable (an IterableDataset?); pass candidates=<indexable training examples>")
-        batch_size = self.batch_size or args.per_device_eval_batch_size
-        query_loader = self.queries if isinstance(self.queries, torch.utils.data.DataLoader) else make_loader(
-            self.queries, batch_size, collate)
-        query_dataset = getattr(query_loader, "dataset", None)
-        decode = getattr(tokenizer, "decode", None)
-        indices = select_candidates(mode, len(candidates), self.num_candidates, self.config.seed,
-                                    documents=lambda: dataset_documents(candidates, decode=decode),
-                                    query_documents=lambda: dataset_documents(query_dataset, decode=decode))
-        self.session.set_data(query_loader, make_loader(candidates, batch_size, collate, indices),
-                              query_dataset=query_dataset, candidate_dataset=candidates, candidate_indices=indices)
+        data = build_attribution_data(self.options, self.queries, training_set,
+                                      batch_size=self.options.batch_size or args.per_device_eval_batch_size,
+                                      collate_fn=collate, seed=self.config.seed, tokenizer=tokenizer,
+                                      tokenized=True)
+        self.session.set_data(data)
 
-    def _open_reporter(self, args: Any, tokenizer: Any, collate: Optional[Callable]) -> None:
+    def _open_reporter(self, args: Any, tokenizer: Any) -> None:
         logdir = self.logdir or tensorboard_logdir(args)
         writer = self.writer
         if writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
             writer = self._own_writer = SummaryWriter(log_dir=logdir)
-        reporter = TokenReporter(writer, tokenizer=tokenizer, collate_fn=collate, sequences=self.token_sequences,
-                                 top_tokens=self.top_tokens)
-        reporter.session = self.session
-        self.session.reporter = reporter
+        self.session.reporter = TokenReporter(writer, tokenizer=tokenizer, renderer=self.options.renderer,
+                                              image_shape=self.options.image_shape)
         self.session.artifact_dir = logdir
 
     # ----------------------------------------------------------------------------- checkpoints
@@ -557,7 +491,7 @@ class InfluenceTrainerCallback(TrainerCallback):
                               f"training resumes at step {state.global_step}", stacklevel=2)
             self.session.load_state_dict(session_state, rank=args.process_index)
         except Exception as error:
-            if self.strict:
+            if self.options.strict:
                 raise
             warnings.warn(f"infl_plugin: cannot restore the influence state ({type(error).__name__}: {error}); "
                           "curvature statistics restart from zero", stacklevel=2)
@@ -571,14 +505,6 @@ class InfluenceTrainerCallback(TrainerCallback):
 
 
 # --------------------------------------------------------------------------------- helpers
-def _config(config: Any) -> InfluenceConfig:
-    if isinstance(config, dict):
-        return InfluenceConfig.from_dict(config)
-    _check(config is None or isinstance(config, InfluenceConfig), "config", config,
-           "None, an InfluenceConfig or a dict of its fields")
-    return config or InfluenceConfig()
-
-
 def _resumed_batches(args: Any, state: Any, train_dataloader: Any) -> Optional[int]:
     """How many batches of its first epoch a run resumed at ``state.global_step`` skips (the
     Trainer's rule: the optimizer steps already taken in that epoch × gradient accumulation);
@@ -597,11 +523,6 @@ def _resumed_batches(args: Any, state: Any, train_dataloader: Any) -> Optional[i
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigurationError(f"InfluenceTrainerCallback.{name} must be {allowed}, got {value!r}")
-
-
-def _check_int(name: str, value: Any, minimum: int, optional: bool) -> None:
-    ok = (value is None and optional) or (isinstance(value, int) and not isinstance(value, bool) and value >= minimum)
-    _check(ok, name, value, f"{'None or ' if optional else ''}an integer >= {minimum}")
 
 
 def _indexable(value: Any) -> bool:
@@ -648,106 +569,6 @@ def _unwrapped(model: Optional[nn.Module], args: Any) -> nn.Module:
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model
-
-
-# --------------------------------------------------------------------------------- state files
-def _state_path(folder: str, suffix: str) -> str:
-    return os.path.join(folder, STATE_FILE + suffix)
-
-
-def _replace_atomically(path: str, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` to a fresh temporary file next to ``path``, flush it to disk, then rename it
-    over ``path``: a reader sees the old file or the new one, never a half-written one."""
-    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as stream:
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def save_state(folder: str, state: dict, meta: Optional[dict] = None) -> None:
-    """Write a nested state (tensors, dicts, lists, tuples, scalars) as safetensors + JSON.
-
-    The JSON, written last, records the safetensors file's size, so `load_state` can tell a
-    truncated file or a pair from two different saves.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-    tree = _flatten(state, "", tensors)
-    os.makedirs(folder, exist_ok=True)
-    tensor_path = _state_path(folder, ".safetensors")
-    _replace_atomically(tensor_path, lambda tmp: save_file(tensors, tmp))
-    saved = {"meta": meta or {}, "state": tree, "tensors_bytes": os.path.getsize(tensor_path)}
-
-    def write_json(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(saved, handle)
-
-    _replace_atomically(_state_path(folder, ".json"), write_json)
-
-
-def load_state(folder: str) -> tuple[dict, dict]:
-    """Read what `save_state` wrote: ``(state, meta)``.
-
-    Raises `StateFileError` naming the file and what is wrong with it: a file of the pair missing,
-    JSON that does not parse or is not an influence state, a truncated or unreadable safetensors
-    file, or a pair whose entries do not match.
-    """
-    json_path, tensor_path = _state_path(folder, ".json"), _state_path(folder, ".safetensors")
-    for path in (json_path, tensor_path):
-        if not os.path.isfile(path):
-            raise StateFileError(f"{path} is missing (an influence state is the pair {STATE_FILE}.json + "
-                                 f"{STATE_FILE}.safetensors)")
-    try:
-        with open(json_path, encoding="utf-8") as handle:
-            saved = json.load(handle)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise StateFileError(f"{json_path} is not valid JSON (truncated or overwritten?): {error}") from error
-    if not isinstance(saved, dict) or not isinstance(saved.get("meta"), dict) or "state" not in saved:
-        raise StateFileError(f"{json_path} is not an influence state (no 'meta' and 'state' entries)")
-    size, expected = os.path.getsize(tensor_path), saved.get("tensors_bytes")
-    if expected is not None and size != expected:
-        raise StateFileError(f"{tensor_path} has {size} bytes where {json_path} expects {expected} (truncated, or "
-                             "the two files come from different saves)")
-    try:
-        tensors = load_file(tensor_path)
-    except Exception as error:  # safetensors raises its own error types (header, truncation, I/O)
-        raise StateFileError(f"{tensor_path} is not a readable safetensors file: {type(error).__name__}: "
-                             f"{error}") from error
-    try:
-        state = _unflatten(saved["state"], tensors)
-    except (KeyError, TypeError, AttributeError) as error:
-        raise StateFileError(f"{json_path} does not match {tensor_path}: missing or malformed entry {error}") from error
-    return state, saved["meta"]
-
-
-def _flatten(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(value, torch.Tensor):
-        tensors[key] = value.detach().cpu().contiguous()
-        return {"__tensor__": key}
-    if isinstance(value, dict):
-        return {"__dict__": {str(k): _flatten(v, f"{key}/{k}", tensors) for k, v in value.items()}}
-    if isinstance(value, (list, tuple)):
-        items = [_flatten(v, f"{key}/{i}", tensors) for i, v in enumerate(value)]
-        return {"__tuple__": items} if isinstance(value, tuple) else items
-    return value
-
-
-def _unflatten(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(tree, list):
-        return [_unflatten(v, tensors) for v in tree]
-    if isinstance(tree, dict):
-        if "__tensor__" in tree:
-            return tensors[tree["__tensor__"]]
-        if "__tuple__" in tree:
-            return tuple(_unflatten(v, tensors) for v in tree["__tuple__"])
-        return {k: _unflatten(v, tensors) for k, v in tree["__dict__"].items()}
-    return tree
 
 
 __all__ = ["MAX_PENDING", "InfluenceTrainerCallback", "MicroBatch", "TrainerLossScale", "TrainingInputs",

@@ -22,10 +22,13 @@ Event mapping (all math lives in the core):
   epoch's iterator before any callback runs, so streaming starts with the second epoch.
 * ``on_train_batch_end`` after an optimizer step: attribution every ``every_n_steps``;
   ``on_save_checkpoint``: attribution on save (then the saved state is refreshed, so a resumed run
-  continues exactly); ``on_train_end``: attribution at the end. At most one attribution per step.
+  continues exactly); ``on_validation_end`` (``attribute_on_evaluate``): after each validation run
+  of ``fit``; ``on_train_end``: attribution at the end. At most one attribution per step.
 * ``state_dict`` / ``load_state_dict``: statistics, eigenbasis, counters (like ``WeightAveraging``).
 
-Hydra / OmegaConf users: `InfluenceCallbackConfig` holds the same fields as a structured config;
+What to attribute and when is an `infl_plugin.options.AttributionOptions`, shared with the Hugging
+Face callback (``options:`` in a LightningCLI YAML, or its fields as keywords). Hydra / OmegaConf
+users: `InfluenceCallbackConfig` holds the callback's arguments as a structured config;
 `InfluenceCallback.from_config` builds the callback from it.
 """
 
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Any, List, Optional, Union
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -43,11 +46,14 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from infl_plugin.candidates import DEFAULT_CANDIDATES, check_candidates, dataset_documents, select_candidates
-from infl_plugin.config import InfluenceConfig, reject_unknown_fields
+from infl_plugin.config import InfluenceConfig, reject_unknown_fields, resolve_config
+from infl_plugin.data import build_attribution_data
+from infl_plugin.errors import ConfigurationError
 from infl_plugin.indices import BatchIndexRecorder
-from infl_plugin.reporting import RENDERERS, Renderer, TensorBoardReporter
-from infl_plugin.session import InfluenceSession, make_loader, spaced_indices
+from infl_plugin.options import AttributionOptions, resolve_options
+from infl_plugin.reporting import TensorBoardReporter
+from infl_plugin.schedule import Reason
+from infl_plugin.session import InfluenceSession
 from infl_plugin.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
 
 TASKS = {"classification": ClassificationTask, "regression": RegressionTask, "causal_lm": CausalLMTask}
@@ -56,136 +62,63 @@ SPLITS = {"train": "train_dataloader", "val": "val_dataloader", "test": "test_da
 
 @dataclass
 class InfluenceCallbackConfig:
-    """Structured config with the callback's fields (``OmegaConf.structured(InfluenceCallbackConfig)``).
+    """Structured config of the callback (``OmegaConf.structured(InfluenceCallbackConfig)``).
 
-    Datasets and custom renderers/tasks are objects, so here ``queries``, ``task`` and ``renderer``
-    are names; build with `InfluenceCallback.from_config`.
+    Datasets and custom tasks are objects, so here ``queries`` and ``task`` are names; build with
+    `InfluenceCallback.from_config`.
     """
 
     config: InfluenceConfig = field(default_factory=InfluenceConfig)
     task: str = "classification"
     queries: str = "val"
-    num_queries: int = 8
-    candidates: str = DEFAULT_CANDIDATES
-    num_candidates: Optional[int] = None
-    max_candidates: Optional[int] = None
-    every_n_steps: Optional[int] = None
-    on_save: Optional[bool] = None
-    at_train_end: bool = True
-    top_k: int = 10
-    renderer: str = "auto"
-    image_shape: Optional[List[int]] = None
-    self_influence: bool = False
-    batch_size: Optional[int] = None
-    num_workers: int = 0
-    progress: bool = True
-    strict: bool = False
+    options: AttributionOptions = field(default_factory=AttributionOptions)
     name: str = "influence"
+
+
+_CONFIG_FIELDS = frozenset(f.name for f in fields(InfluenceCallbackConfig))
 
 
 class InfluenceCallback(Callback):
     """Tracks EK-FAC statistics during ``fit``, attributes on a schedule, reports to TensorBoard.
 
     Args:
-        config: the `InfluenceConfig` (strategy, Fisher, layers, damping, …).
+        config: the `InfluenceConfig` (strategy, Fisher, layers, damping, …) or a mapping of its fields.
         task: ``"classification"``, ``"regression"``, ``"causal_lm"`` or a `Task` instance; it must
             match how ``training_step`` computes its loss (a batch mean for classification).
         queries: held-out examples to explain: a split name (``"val"``: the trainer's validation
             loader, also one given as ``fit(model, train_loader, val_loader)``; ``"train"``: the
             training loader; ``"test"``: the datamodule's/module's ``test_dataloader()``) or a
-            Dataset; ``num_queries`` evenly spaced items are used.
-        num_queries: how many query examples.
-        candidates: what an attribution scores (see `infl_plugin.candidates`): ``"stream"``
-            (default: the training examples seen since the previous attribution, with the scores
-            streamed from their training backward, no candidate pass; ``"all"`` until streamed
-            scores exist), ``"all"`` (a pass over the training set, read in a fixed order with the
-            training loader's collate function), ``"tfidf"`` (each query's ``num_candidates``
-            nearest training examples by TF-IDF of their text or token ids), ``"random"`` (a fixed
-            seeded subset of ``num_candidates``), or a Dataset to score in full instead of the
-            training set.
-        num_candidates: ``"tfidf"``: candidates per query; ``"random"``: subset size; ``"all"`` and
-            the ``"stream"`` fallback: score at most this many evenly spaced examples (``None``: all).
-        max_candidates: deprecated name of ``num_candidates``.
-        every_n_steps: attribute every n optimizer steps (``None``: not on a step count).
-        on_save: attribute whenever a checkpoint is saved during ``fit``; ``None`` (default): only
-            when ``every_n_steps`` is ``None`` (a step schedule is not multiplied by the saves).
-        at_train_end: attribute when training ends.
-        top_k: most helpful / harmful examples shown per query.
-        renderer: how an example is shown: ``"auto"``, ``"image"``, ``"text"``, ``"repr"`` or a
-            `Renderer`.
-        image_shape: reshape flat examples to this image shape (``[8, 8]`` for sklearn digits).
-        self_influence: also rank candidates by self-influence (finds mislabeled examples; forms
-            per-example gradients, keep off for very wide layers).
-        batch_size: batch size of the attribution passes (default: the training loader's).
-        num_workers: worker processes of the attribution loaders.
-        progress: progress bar during attribution.
-        strict: raise instead of warn when statistics or an attribution fail.
+            Dataset; ``options.num_queries`` evenly spaced items are used.
+        options: the `AttributionOptions` shared with the Hugging Face callback (schedule,
+            candidates, top-k, rendering, strictness), or a mapping of its fields.
         name: distinguishes several instances in a checkpoint (``state_key``).
+        **overrides: single `AttributionOptions` fields (``every_n_steps=100``, ``candidates="all"``).
+
+    Invalid values raise `ConfigurationError` (a ``ValueError``) naming the field, at construction.
+    ``attribute_on_evaluate`` attributes after each validation run during ``fit`` (not the sanity check).
     """
 
     def __init__(
         self,
-        config: Optional[InfluenceConfig] = None,
+        config: Union[InfluenceConfig, dict, None] = None,
         task: Union[str, Task] = "classification",
         queries: Union[str, Dataset] = "val",
-        num_queries: int = 8,
-        candidates: Union[str, Dataset, None] = DEFAULT_CANDIDATES,
-        num_candidates: Optional[int] = None,
-        max_candidates: Optional[int] = None,
-        every_n_steps: Optional[int] = None,
-        on_save: Optional[bool] = None,
-        at_train_end: bool = True,
-        top_k: int = 10,
-        renderer: Union[str, Renderer] = "auto",
-        image_shape: Optional[List[int]] = None,
-        self_influence: bool = False,
-        batch_size: Optional[int] = None,
-        num_workers: int = 0,
-        progress: bool = True,
-        strict: bool = False,
+        options: Union[AttributionOptions, dict, None] = None,
         name: str = "influence",
+        **overrides: Any,
     ) -> None:
-        self.config = _config(config)
+        self.config = resolve_config("InfluenceCallback", config)
         self.task = _task(task)
         if isinstance(queries, str) and queries not in SPLITS:
-            raise ValueError(f"InfluenceCallback.queries must be a Dataset or one of {list(SPLITS)}, got {queries!r}")
-        if isinstance(renderer, str) and renderer not in RENDERERS:
-            raise ValueError(f"InfluenceCallback.renderer must be a Renderer or one of {list(RENDERERS)}, got {renderer!r}")
-        for label, value, minimum, optional in (("num_queries", num_queries, 1, False), ("top_k", top_k, 1, False),
-                                                ("every_n_steps", every_n_steps, 1, True),
-                                                ("max_candidates", max_candidates, 1, True),
-                                                ("batch_size", batch_size, 1, True), ("num_workers", num_workers, 0, False)):
-            _check_int(label, value, minimum, optional)
-        if max_candidates is not None:
-            if num_candidates is not None:
-                raise ValueError("InfluenceCallback.max_candidates is the deprecated name of num_candidates: set only "
-                                 "num_candidates")
-            warnings.warn("InfluenceCallback.max_candidates is deprecated: use num_candidates", DeprecationWarning,
-                          stacklevel=2)
-            num_candidates = max_candidates
-        candidates = DEFAULT_CANDIDATES if candidates is None else candidates
-        check_candidates(candidates, num_candidates, "InfluenceCallback", allow_dataset=True)
+            raise ConfigurationError(f"InfluenceCallback.queries must be a Dataset or one of {list(SPLITS)}, "
+                                     f"got {queries!r}")
         self.queries = queries
-        self.num_queries = num_queries
-        self.candidates = candidates
-        self.num_candidates = num_candidates
-        self.max_candidates = num_candidates  # deprecated alias
+        self.options = resolve_options("InfluenceCallback", options, **overrides)
+        self.name = name
         self.indices = BatchIndexRecorder()
+        self.session: Optional[InfluenceSession] = None
         self._batch_indices: Any = None
         self._stream_from_epoch = 0
-        self.every_n_steps = every_n_steps
-        self.on_save = on_save
-        self.at_train_end = at_train_end
-        self.top_k = top_k
-        self.renderer = renderer
-        self.image_shape = list(image_shape) if image_shape is not None else None
-        self.self_influence = self_influence
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.progress = progress
-        self.strict = strict
-        self.name = name
-        self.session: Optional[InfluenceSession] = None
         self._trainer: Optional[pl.Trainer] = None
         self._batch: Any = None
         self._stepped_at: Optional[int] = None
@@ -195,8 +128,8 @@ class InfluenceCallback(Callback):
     def from_config(cls, cfg: Any, **objects: Any) -> "InfluenceCallback":
         """Build from an `InfluenceCallbackConfig`, a DictConfig or a mapping of its fields.
 
-        Unknown fields raise ``ValueError`` naming them; ``objects`` override fields with objects
-        (``candidates=dataset``, ``task=MyTask()``, ``renderer=MyRenderer()``).
+        Unknown fields raise `ConfigurationError` naming them; ``objects`` override fields or
+        single options with objects (``queries=dataset``, ``task=MyTask()``, ``candidates=dataset``).
         """
         try:
             from omegaconf import DictConfig, OmegaConf
@@ -207,8 +140,8 @@ class InfluenceCallback(Callback):
             pass
         values = {f.name: getattr(cfg, f.name) for f in fields(cfg)} if isinstance(cfg, InfluenceCallbackConfig) else dict(cfg)
         reject_unknown_fields(InfluenceCallbackConfig, values, owner="InfluenceCallback")
-        values.update(objects)
-        return cls(**values)
+        own = {k: v for k, v in objects.items() if k in _CONFIG_FIELDS}
+        return cls(**{**values, **own}, **{k: v for k, v in objects.items() if k not in own})
 
     @property
     def state_key(self) -> str:
@@ -224,25 +157,22 @@ class InfluenceCallback(Callback):
             self.session.close()
             self.session = None
         if self.session is None:
-            self.session = InfluenceSession(
-                pl_module, self.task, self.config, every_n_steps=self.every_n_steps, on_save=self.on_save,
-                at_train_end=self.at_train_end, top_k=self.top_k, self_influence=self.self_influence,
-                is_main=trainer.is_global_zero, progress=self.progress, log=rank_zero_info, strict=self.strict,
-                candidates=self.candidates if isinstance(self.candidates, str) else "all",
-            )
-        else:
-            self.session.attach()
+            self.session = InfluenceSession(pl_module, self.task, self.config, self.options,
+                                            is_main=trainer.is_global_zero, log=rank_zero_info)
+        self.session.attach()
         if self._pending_state is not None:
             self.session.load_state_dict(self._pending_state, rank=trainer.global_rank)
             self._pending_state = None
         self._connect_logger(trainer)
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        self.indices.remove()
-        if self.session is not None:
-            self.session.close()
+        self.close()
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Every hook off (layer hooks, the batch-index recorder); safe to call twice."""
         self.indices.remove()
         if self.session is not None:
             self.session.close()
@@ -257,7 +187,8 @@ class InfluenceCallback(Callback):
             return
         tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         if tensorboard is not None:
-            self.session.reporter = TensorBoardReporter(tensorboard.experiment, self.renderer, self.image_shape)
+            self.session.reporter = TensorBoardReporter(tensorboard.experiment, self.options.renderer,
+                                                        self.options.image_shape)
             self.session.artifact_dir = tensorboard.log_dir
         else:
             warnings.warn("InfluenceCallback: the trainer has no TensorBoardLogger; attributions are written as "
@@ -270,28 +201,17 @@ class InfluenceCallback(Callback):
         if not isinstance(train, DataLoader):
             raise ValueError("InfluenceCallback needs a single training DataLoader to read candidates from; "
                              f"got {type(train).__name__}")
-        batch_size = self.batch_size or train.batch_size or 32
-        mode = self.candidates if isinstance(self.candidates, str) else "all"
-        candidates = train.dataset if isinstance(self.candidates, str) else self.candidates
         if isinstance(self.queries, str):
             query_loader = self._split_loader(trainer, pl_module, self.queries)
             queries, query_collate = query_loader.dataset, query_loader.collate_fn
         else:
             queries, query_collate = self.queries, train.collate_fn
-        query_indices = spaced_indices(len(queries), self.num_queries)
-        if mode == "stream":
+        if self.options.candidate_mode == "stream":
             self._start_indices(trainer, train)
-        candidate_indices = select_candidates(
-            mode, len(candidates), self.num_candidates, self.config.seed,
-            documents=lambda: dataset_documents(candidates), query_documents=lambda: dataset_documents(queries, query_indices))
-        if candidate_indices is None:
-            candidate_indices = list(range(len(candidates)))
-        self.session.set_data(
-            make_loader(queries, batch_size, query_collate, query_indices, self.num_workers),
-            make_loader(candidates, batch_size, train.collate_fn, candidate_indices, self.num_workers),
-            query_dataset=queries, candidate_dataset=candidates,
-            query_indices=query_indices, candidate_indices=candidate_indices, stream=False,
-        )
+        data = build_attribution_data(self.options, queries, train.dataset,
+                                      batch_size=self.options.batch_size or train.batch_size or 32,
+                                      collate_fn=train.collate_fn, query_collate_fn=query_collate, seed=self.config.seed)
+        self.session.set_data(data, stream=False)
 
     def _split_loader(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", split: str) -> DataLoader:
         """The loader of ``split`` as the trainer has it: the training loader; the validation loader
@@ -333,7 +253,7 @@ class InfluenceCallback(Callback):
         warnings.warn("InfluenceCallback: candidates='stream' needs the dataset indices of training batches, which "
                       "a loader without a batch sampler (an IterableDataset) does not give; scoring candidates='all' "
                       "instead", stacklevel=3)
-        self.session.candidate_mode = "all"
+        self.session.stop_streaming()
 
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.indices.installed and isinstance(trainer.train_dataloader, DataLoader):
@@ -378,20 +298,25 @@ class InfluenceCallback(Callback):
         if self.session is None or self._stepped_at == trainer.global_step:
             return
         self._stepped_at = trainer.global_step
-        self.session.maybe_attribute(trainer.global_step, "every_n_steps")
+        self.session.maybe_attribute(trainer.global_step, Reason.EVERY_N_STEPS)
 
     def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict) -> None:
         session = self.session
         if session is None or not session.attached or trainer.state.fn != TrainerFn.FITTING or not session.has_data:
             return
         before = session.attributions
-        session.maybe_attribute(trainer.global_step, "save")
+        session.maybe_attribute(trainer.global_step, Reason.SAVE)
         if session.attributions != before:  # the callback state was dumped before this hook: refresh it
             checkpoint.setdefault("callbacks", {})[self.state_key] = self.state_dict()
 
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if (self.session is not None and self.session.has_data and trainer.state.fn == TrainerFn.FITTING
+                and not trainer.sanity_checking):
+            self.session.maybe_attribute(trainer.global_step, Reason.EVALUATE)
+
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.session is not None and self.session.has_data:
-            self.session.maybe_attribute(trainer.global_step, "train_end")
+            self.session.maybe_attribute(trainer.global_step, Reason.TRAIN_END)
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -408,30 +333,12 @@ class InfluenceCallback(Callback):
             self.session.load_state_dict(state_dict, rank=self._trainer.global_rank if self._trainer else 0)
 
 
-def _config(config: Any) -> InfluenceConfig:
-    if config is None:
-        return InfluenceConfig()
-    if isinstance(config, InfluenceConfig):
-        return config
-    if isinstance(config, dict):
-        return InfluenceConfig.from_dict(config)
-    raise ValueError(f"InfluenceCallback.config must be an InfluenceConfig or a mapping of its fields, got {type(config).__name__}")
-
-
 def _task(task: Any) -> Task:
     if isinstance(task, Task):
         return task
     if isinstance(task, str) and task in TASKS:
         return TASKS[task]()
-    raise ValueError(f"InfluenceCallback.task must be a Task or one of {list(TASKS)}, got {task!r}")
-
-
-def _check_int(label: str, value: Any, minimum: int, optional: bool) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        allowed = f"an integer >= {minimum}" + (" or None" if optional else "")
-        raise ValueError(f"InfluenceCallback.{label} must be {allowed}, got {value!r}")
+    raise ConfigurationError(f"InfluenceCallback.task must be a Task or one of {list(TASKS)}, got {task!r}")
 
 
 def _fit_val_loader(trainer: "pl.Trainer") -> Optional[DataLoader]:

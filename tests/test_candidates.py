@@ -276,15 +276,16 @@ def test_lightning_candidate_options_are_validated_and_configurable():
     for kwargs, field in (({"candidates": "everything"}, "InfluenceCallback.candidates"),
                           ({"candidates": "random"}, "InfluenceCallback.num_candidates"),
                           ({"candidates": "tfidf", "num_candidates": 0}, "InfluenceCallback.num_candidates"),
-                          ({"num_candidates": 3, "max_candidates": 3}, "max_candidates")):
+                          ({"num_candidates": 3, "max_candidates": 3}, "deprecated name of num_candidates")):
         with pytest.raises(ValueError, match=field):
             InfluenceCallback(**kwargs)
     with pytest.warns(DeprecationWarning, match="num_candidates"):
-        assert InfluenceCallback(candidates="all", max_candidates=5).num_candidates == 5
-    assert InfluenceCallback().candidates == "stream"
-    callback = InfluenceCallback.from_config(InfluenceCallbackConfig(candidates="random", num_candidates=4))
-    assert (callback.candidates, callback.num_candidates) == ("random", 4)
-    assert isinstance(InfluenceCallback(candidates=_data()[0]).candidates, TensorDataset)
+        assert InfluenceCallback(candidates="all", max_candidates=5).options.num_candidates == 5
+    assert InfluenceCallback().options.candidates == "stream"
+    callback = InfluenceCallback.from_config(
+        InfluenceCallbackConfig(options=ip.AttributionOptions(candidates="random", num_candidates=4)))
+    assert (callback.options.candidates, callback.options.num_candidates) == ("random", 4)
+    assert isinstance(InfluenceCallback(candidates=_data()[0]).options.candidates, TensorDataset)
 
 
 # --------------------------------------------------------------------------------- Hugging Face
@@ -426,7 +427,7 @@ def test_huggingface_candidate_options_are_validated():
             InfluenceTrainerCallback(**kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert InfluenceTrainerCallback().candidates == "stream"
+        assert InfluenceTrainerCallback().options.candidates == "stream"
 
 
 def test_huggingface_stream_resumes_exactly(tmp_path):

@@ -87,7 +87,7 @@ def test_attribution_decides_from_the_reduced_statistics():
     x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
     batches = [(x[i:i + 8], y[i:i + 8]) for i in (0, 8)]
 
-    other = ip.InfluenceSession(model, task, config, progress=False)
+    other = ip.InfluenceSession(model, task, config, progress=False).attach()
     torch.nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
     assert other.after_backward(batches[0])
     other.close()

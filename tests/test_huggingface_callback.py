@@ -33,7 +33,7 @@ from infl_plugin.errors import ConfigurationError, StateFileError
 from infl_plugin.integrations.huggingface import (MAX_PENDING, InfluenceTrainerCallback, TrainerLossScale, load_state,
                                                  tensorboard_logdir)
 from infl_plugin.passes import isolated
-from infl_plugin.session import make_loader
+from infl_plugin.data import make_loader
 from infl_plugin.token_report import token_views
 
 hf_logging.set_verbosity_error()
@@ -354,7 +354,7 @@ def test_bert_classifier_attributes_on_a_step_schedule_and_on_evaluate(tmp_path,
     """every_n_steps=3 and on_evaluate (eval at steps 2 and 4); the train-end attribution at step 4 is not repeated."""
     items = classification_examples(16)
     callback = InfluenceTrainerCallback(queries=classification_examples(2)[:2], config=config("bert"), top_k=3,
-                                        every_n_steps=3, on_save=False, on_evaluate=True, token_sequences=1,
+                                        every_n_steps=3, attribute_on_save=False, attribute_on_evaluate=True, token_sequences=1,
                                         candidates="all")
     trainer = make_trainer(bert(), items, tmp_path, callback, eval_dataset=items[:4], learning_rate=1e-2, max_steps=4,
                            eval_strategy="steps", eval_steps=2)
@@ -485,23 +485,39 @@ def _assert_trees_equal(got, expected, path="state"):
 
 # --------------------------------------------------------------------------------- robustness
 @pytest.mark.parametrize("field, value", [
-    ("config", 3), ("task", "causal_lm"), ("queries", 5), ("candidates", 5), ("max_candidates", 0),
-    ("max_candidates", "3"), ("batch_size", 1.5), ("every_n_steps", 0), ("on_save", "yes"), ("on_evaluate", 1),
-    ("at_train_end", None), ("top_k", 0), ("token_sequences", -1), ("top_tokens", True), ("self_influence", "no"),
-    ("collate_fn", 3), ("writer", object()), ("logdir", 3), ("resume_from", 3), ("strict", None)])
+    ("config", 3), ("task", "causal_lm"), ("queries", 5), ("candidates", 5), ("num_candidates", 0),
+    ("num_candidates", "3"), ("batch_size", 1.5), ("every_n_steps", 0), ("attribute_on_save", "yes"),
+    ("attribute_on_evaluate", 1), ("attribute_at_train_end", None), ("top_k", 0), ("token_sequences", -1),
+    ("top_tokens", True), ("self_influence", "no"), ("num_queries", 0), ("num_workers", -1), ("renderer", "svg"),
+    ("collate_fn", 3), ("writer", object()), ("logdir", 3), ("resume_from", 3), ("strict", None), ("options", 3)])
 def test_invalid_arguments_fail_at_construction_naming_the_field(field, value):
     with pytest.raises(ConfigurationError, match=rf"InfluenceTrainerCallback\.{field} must be .*got"):
         InfluenceTrainerCallback(**{field: value})
 
 
 def test_configuration_flags_do_not_shadow_the_event_methods():
-    callback = InfluenceTrainerCallback(config={"strategy": "kfac"}, on_save=False, on_evaluate=True,
-                                        at_train_end=False)
-    assert (callback.attribute_on_save, callback.attribute_on_evaluate, callback.attribute_at_train_end) == (
-        False, True, False)
+    callback = InfluenceTrainerCallback(config={"strategy": "kfac"}, attribute_on_save=False,
+                                        attribute_on_evaluate=True, attribute_at_train_end=False)
+    assert (callback.options.attribute_on_save, callback.options.attribute_on_evaluate,
+            callback.options.attribute_at_train_end) == (False, True, False)
     assert callable(callback.on_save) and callable(callback.on_evaluate)
+    with pytest.warns(DeprecationWarning, match="on_save is deprecated: use attribute_on_save"):
+        assert InfluenceTrainerCallback(on_save=False).options.attribute_on_save is False
     with pytest.raises(ConfigurationError, match="dampnig"):
         InfluenceTrainerCallback(config={"dampnig": 1.0})
+
+
+def test_options_work_as_a_structured_config():
+    """The shared `AttributionOptions` as an OmegaConf structured config, merged with YAML-style overrides."""
+    from omegaconf import OmegaConf
+
+    schema = OmegaConf.structured(ip.AttributionOptions)
+    options = OmegaConf.merge(schema, {"every_n_steps": 4, "candidates": "all", "top_k": 2})
+    callback = InfluenceTrainerCallback(config=OmegaConf.create({"strategy": "kfac"}), options=options)
+    assert callback.options == ip.AttributionOptions(every_n_steps=4, candidates="all", top_k=2)
+    assert callback.config.strategy == "kfac"
+    with pytest.raises(ConfigurationError, match=r"InfluenceTrainerCallback\.options has no field"):
+        InfluenceTrainerCallback(options={"top_kk": 1})
 
 
 class _Boom(TrainerCallback):

@@ -157,7 +157,7 @@ def test_mixed_precision_statistics_match_fp32(tmp_path, precision):
     for setting in ("32", precision):
         pl.seed_everything(0)
         module = Net(lr=0.0)
-        callback = _callback(at_train_end=False)
+        callback = _callback(attribute_at_train_end=False)
         kwargs = {"precision": setting}
         if setting == "16-mixed":  # Lightning gives CPU no GradScaler by default: bring one
             kwargs = {"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0 ** 12))]}
@@ -243,7 +243,7 @@ def test_attribution_on_checkpoint_save_during_validation(tmp_path):
             x, y = batch
             self.log("val_loss", F.cross_entropy(self(x), y))
 
-    callback = _callback(at_train_end=False)
+    callback = _callback(attribute_at_train_end=False)
     checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="val_loss", save_top_k=-1)
     trainer = _trainer(tmp_path, [callback, checkpoint], epochs=2, enable_checkpointing=True, limit_val_batches=None)
     trainer.fit(WithValidation())
@@ -287,7 +287,7 @@ def test_loss_scale_is_worked_out_only_on_statistics_steps(tmp_path):
             CountingTask.calls += 1
             return super().training_loss_scale(batch)
 
-    callback = _callback(task=CountingTask(), config=ip.InfluenceConfig(update_every=3), at_train_end=False)
+    callback = _callback(task=CountingTask(), config=ip.InfluenceConfig(update_every=3), attribute_at_train_end=False)
     _trainer(tmp_path, [callback]).fit(Net())
     assert CountingTask.calls == 2 + 1
     assert callback.session.tracker.updates == 2
@@ -302,7 +302,7 @@ def test_bad_batch_is_skipped_counted_and_warned(tmp_path):
                 x[0, 0] = float("nan")
             return F.cross_entropy(self(x), y)
 
-    callback = _callback(at_train_end=False)
+    callback = _callback(attribute_at_train_end=False)
     with pytest.warns(UserWarning, match="skipped"):
         _trainer(tmp_path, [callback]).fit(NaNOnce(lr=0.0))
     assert callback.session.skipped_batches == 1
@@ -325,11 +325,11 @@ def test_sum_reduced_training_loss_is_detected_and_undone(tmp_path, accumulate):
             x, y = batch
             return F.cross_entropy(self(x), y, reduction="sum")
 
-    mean = _callback(at_train_end=False)
+    mean = _callback(attribute_at_train_end=False)
     pl.seed_everything(0)
     _trainer(tmp_path, [mean], accumulate_grad_batches=accumulate).fit(Net(lr=0.0))
     assert mean.session.loss_reduction == "mean"
-    summed = _callback(at_train_end=False, strict=False)
+    summed = _callback(attribute_at_train_end=False, strict=False)
     pl.seed_everything(0)
     with pytest.warns(UserWarning, match="sum of the per-example losses") as caught:
         _trainer(tmp_path, [summed], accumulate_grad_batches=accumulate).fit(Summed(lr=0.0))
@@ -339,7 +339,7 @@ def test_sum_reduced_training_loss_is_detected_and_undone(tmp_path, accumulate):
         torch.testing.assert_close(_covariances(summed)[name][0], a, rtol=1e-5, atol=0.0)
         torch.testing.assert_close(_covariances(summed)[name][1], s, rtol=1e-5, atol=0.0)
     with pytest.raises(ValueError, match="strict"):
-        _trainer(tmp_path, [_callback(at_train_end=False)]).fit(Summed(lr=0.0))
+        _trainer(tmp_path, [_callback(attribute_at_train_end=False)]).fit(Summed(lr=0.0))
 
 
 # ------------------------------------------------------------------------------------ data
@@ -397,23 +397,49 @@ def test_invalid_arguments_fail_naming_the_field():
 def test_structured_config_mirrors_the_signature_and_loads_the_example_yaml():
     import inspect
 
-    signature = inspect.signature(InfluenceCallback.__init__).parameters
-    for field in InfluenceCallbackConfig.__dataclass_fields__.values():
-        default = field.default_factory() if callable(field.default_factory) else field.default
-        expected = signature[field.name].default
-        assert (expected or ip.InfluenceConfig()) == default if field.name == "config" else expected == default, field.name
-    assert set(signature) - {"self"} - set(InfluenceCallbackConfig.__dataclass_fields__) == set()
+    signature = {name: p for name, p in inspect.signature(InfluenceCallback.__init__).parameters.items()
+                 if p.kind is not p.VAR_KEYWORD}
+    assert set(signature) - {"self"} == set(InfluenceCallbackConfig.__dataclass_fields__)
+    for name in ("task", "queries", "name"):
+        assert signature[name].default == InfluenceCallbackConfig.__dataclass_fields__[name].default, name
 
     init_args = OmegaConf.load(EXAMPLE / "config.yaml").trainer.callbacks[0].init_args
     merged = OmegaConf.merge(OmegaConf.structured(InfluenceCallbackConfig), init_args)
     callback = InfluenceCallback.from_config(merged)
-    assert callback.config.strategy == "ekfac" and callback.every_n_steps == init_args.every_n_steps
+    assert callback.config.strategy == "ekfac" and callback.options.every_n_steps == init_args.options.every_n_steps
+    assert callback.options == ip.AttributionOptions(**OmegaConf.to_container(merged.options))
     with pytest.raises(Exception, match="top_kk"):
-        OmegaConf.merge(OmegaConf.structured(InfluenceCallbackConfig), {"top_kk": 3})
+        OmegaConf.merge(OmegaConf.structured(InfluenceCallbackConfig), {"options": {"top_kk": 3}})
     with pytest.raises(ValueError, match="strategy"):
         OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(InfluenceCallbackConfig), {"config": {"strategy": "x"}}))
     with pytest.raises(ValueError, match="top_kk"):
         InfluenceCallback.from_config({"top_kk": 3})
+    with pytest.raises(ValueError, match=r"InfluenceCallback\.top_k must be an integer >= 1, got 0"):
+        InfluenceCallback.from_config({"options": {"top_k": 0}})
+
+
+def test_options_are_one_validated_dataclass_shared_by_both_callbacks():
+    """Flat keywords, ``options=`` (dataclass, dict, DictConfig) and the deprecated names all end in
+    the same `AttributionOptions`; bad values name the callback's field."""
+    expected = ip.AttributionOptions(every_n_steps=5, attribute_on_save=False, top_k=3)
+    built = [InfluenceCallback(every_n_steps=5, attribute_on_save=False, top_k=3),
+             InfluenceCallback(options=expected),
+             InfluenceCallback(options={"every_n_steps": 5, "attribute_on_save": False}, top_k=3),
+             InfluenceCallback(options=OmegaConf.structured(expected))]
+    with pytest.warns(DeprecationWarning, match="on_save is deprecated"):
+        built.append(InfluenceCallback(every_n_steps=5, on_save=False, top_k=3))
+    assert all(c.options == expected for c in built)
+    for kwargs, pattern in (({"top_k": 0}, r"InfluenceCallback\.top_k must be an integer >= 1"),
+                            ({"every_n_steps": "10"}, r"InfluenceCallback\.every_n_steps"),
+                            ({"attribute_on_save": "yes"}, r"InfluenceCallback\.attribute_on_save must be None, True"),
+                            ({"renderer": "png"}, r"InfluenceCallback\.renderer must be one of"),
+                            ({"image_shape": [8, 0]}, r"InfluenceCallback\.image_shape"),
+                            ({"on_save": True, "attribute_on_save": True}, "deprecated name of attribute_on_save"),
+                            ({"top_kk": 3}, r"InfluenceCallback has no field\(s\) \['top_kk'\]")):
+        with pytest.raises(ip.ConfigurationError, match=pattern):
+            InfluenceCallback(**kwargs)
+    with pytest.raises(ip.ConfigurationError, match=r"AttributionOptions\.top_k must be an integer >= 1"):
+        ip.AttributionOptions(top_k=0)
 
 
 # ------------------------------------------------------------------------------------ the example

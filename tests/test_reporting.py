@@ -22,7 +22,10 @@ from infl_plugin.reporting import (
     ImageRenderer, Rendered, Reporter, TensorBoardReporter, TextRenderer, ccdf, depth_bins, escape_markdown,
     layer_shares, make_renderer, markdown_cell, signed_log_scores, tail_exponent,
 )
-from infl_plugin.session import DatasetSource, InfluenceSession, make_loader
+from infl_plugin.data import DatasetSource, make_loader
+from infl_plugin.session import InfluenceSession
+from infl_plugin.token_report import TokenReporter
+from infl_plugin.token_views import TokenViews
 from tensorboard.plugin_util import markdown_to_safe_html
 
 
@@ -209,6 +212,47 @@ def test_tracked_examples_and_overlap_follow_fixed_examples(tmp_path):
         overlap = acc.Scalars(f"influence_stats/topk_jaccard/query_{q:03d}")
         assert [e.step for e in overlap] == [20]
         assert overlap[0].value == pytest.approx(len(a & b) / len(a | b))
+
+
+def _views(indices: list[int], labels: list[str]) -> TokenViews:
+    """Hand-made views: sequence i has 4 tokens (the last one padding) over layers "a" and "b"."""
+    base = torch.tensor([[1.0, -0.5, 0.25, 0.0], [0.5, 0.0, -0.25, 0.0]])  # [L=2, T=4]
+    token_scores = [base * (i + 1) for i in range(len(indices))]
+    sequence_scores = [torch.zeros(2) for _ in indices]
+    return TokenViews(indices=indices, scores=[float(t.sum()) for t in token_scores],
+                      tokens=[["The", " cat", " sat", "<pad>"] for _ in indices],
+                      masks=[torch.tensor([True, True, True, False]) for _ in indices], token_scores=token_scores,
+                      sequence_scores=sequence_scores, layer_names=["a", "b"], markdown="VIEWS-MARKDOWN",
+                      labels=labels, top_tokens=2)
+
+
+def test_token_reporter_renders_the_results_token_views_without_a_model(tmp_path):
+    """A pure sink: the text and both figures come from ``result.token_views`` alone (no source, no
+    session, no model); ``max_queries`` still limits the queries; the artifact ignores the views."""
+    result = _result(k=4)
+    result.candidate_mode = "stream"
+    labels = ["helpful #1", "helpful #2", "harmful #1", "harmful #2"]
+    result.token_views = {q: _views([100 + q, 101, 102, 103], labels) for q in (0, 1)}
+    writer = SummaryWriter(str(tmp_path))
+    TokenReporter(writer, max_queries=1).log(result, None)
+    writer.close()
+    acc = _events(tmp_path)
+    text = _text(acc, "influence_tokens/query_000")
+    assert text.startswith("**Query 0** (dataset index 0): the 2 most helpful and most harmful training sequences, "
+                           "their 2 most influential tokens marked (**bold** = helpful, *italic* = harmful, "
+                           "superscript = rank).")
+    assert "the tables' scores were streamed while training" in text and text.endswith("\n\nVIEWS-MARKDOWN")
+    images = acc.Tags()["images"]
+    assert {"influence_token_heatmaps/query_000", "influence_layers/query_000"} <= set(images)
+    assert acc.Images("influence_token_heatmaps/query_000")[-1].step == result.step
+    assert "influence_layers/query_001" not in images  # max_queries=1
+    assert not [t for t in acc.Tags()["tensors"] if t.startswith("influence_tokens/query_001")]
+    bare = tmp_path / "bare"
+    plain = write_artifact(bare, _result(k=4))
+    with_views = write_artifact(tmp_path / "views", result)
+    with np.load(with_views) as written, np.load(plain) as reference:
+        assert written.files == reference.files
+    assert "token_views" not in read_artifacts(tmp_path / "views", as_dataframe=False)[0]
 
 
 def test_history_bounds_and_jaccard():

@@ -409,7 +409,7 @@ def test_attributions_hand_their_factors_to_the_streaming_queries():
     queries = list(loader(data(4, seed=3), 4))
     model = mlp()
     config = ip.InfluenceConfig(accumulation_dtype="float64", stream_refresh_every=None)
-    session = ip.InfluenceSession(model, ip.ClassificationTask(), config, candidates="stream", progress=False)
+    session = ip.InfluenceSession(model, ip.ClassificationTask(), config, candidates="stream", progress=False).attach()
     session.set_data(queries, loader(items, 8))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
 
@@ -441,7 +441,7 @@ def test_attributions_hand_their_factors_to_the_streaming_queries():
 def test_the_eigenvalue_pass_of_an_attribution_reads_a_bounded_spaced_subset():
     """Without ``max_fit_batches`` an attribution's eigenvalue pass reads at most
     ``EIGENVALUE_EXAMPLES`` evenly spaced candidates (never an epoch); with it, the candidates."""
-    from infl_plugin.session import EIGENVALUE_EXAMPLES, eigenvalue_loader, spaced_indices
+    from infl_plugin.data import EIGENVALUE_EXAMPLES, eigenvalue_loader, spaced_indices
 
     items = list(range(3000))
     candidates = torch.utils.data.DataLoader(items, batch_size=100)

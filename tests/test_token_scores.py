@@ -15,9 +15,11 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import infl_plugin as ip
-from infl_plugin.token_report import (TokenViews, clip_token, decode_tokens, escape_markdown, layer_groups,
-                                      layer_heatmap_figure, mark_tokens_markdown, strip_common_prefix,
-                                      token_heatmap_figure, token_views, top_token_positions)
+from infl_plugin.artifacts import AttributionResult
+from infl_plugin.token_report import (clip_token, escape_markdown, layer_figure, layer_groups, layer_heatmap_figure,
+                                      strip_common_prefix, token_figure, token_heatmap_figure)
+from infl_plugin.token_views import (TokenViews, decode_tokens, mark_tokens_markdown, result_token_views,
+                                     token_views, top_token_positions)
 
 from reference import layer_matrix_grad
 
@@ -140,7 +142,33 @@ def test_token_views_decompose_exactly_and_render(setup):
     assert per_layer.shape == (len(modules), 3)
     torch.testing.assert_close(per_layer.sum(0), totals[1, picked], rtol=RTOL, atol=0)
     assert views.markdown.count("training example") == 3 and "⟨" in views.markdown  # ids shown without tokenizer
-    assert views.token_figure("t").axes and views.layer_figure("l").axes
+    assert views.labels == ["#1", "#2", "#3"] and views.top_tokens == 3
+    assert token_figure(views, "t").axes and layer_figure(views, "l").axes
+
+
+def test_result_token_views_show_each_querys_top_helpful_then_harmful(setup):
+    """The views of an attribution: per query, its top helpful then top harmful candidates (dataset
+    positions = candidate position + 100 here), with totals equal to the attribution's scores."""
+    net, task, attributor, pq, train, queries, modules = setup
+    scores = attributor.pairwise_scores(pq, [collate(train)])  # [Q, N]
+    helpful_scores, hp = scores.topk(3, dim=1)
+    harmful_scores, hn = scores.topk(3, dim=1, largest=False)
+    result = AttributionResult(
+        step=1, reason="manual", scores=scores, candidate_indices=torch.arange(100, 105),
+        query_indices=torch.arange(2), measurements=torch.zeros(2), helpful_indices=hp + 100,
+        helpful_scores=helpful_scores, harmful_indices=hn + 100, harmful_scores=harmful_scores,
+        layer_names=attributor.layer_names, layer_shares=torch.zeros(2, len(modules)),
+        tail_exponents=torch.zeros(2), strategy="identity", fisher="empirical", config={})
+    views = result_token_views(attributor, pq, result, lambda i: train[i - 100], collate, sequences=2,
+                               top_tokens=4, token_queries=1)
+    assert list(views) == [0]  # token_queries=1: the first query only
+    v = views[0]
+    assert v.indices == (hp[0, :2] + 100).tolist() + (hn[0, :2] + 100).tolist()
+    assert v.labels == ["helpful #1", "helpful #2", "harmful #1", "harmful #2"] and v.top_tokens == 4
+    expected = torch.cat([helpful_scores[0, :2], harmful_scores[0, :2]]).tolist()
+    assert v.scores == pytest.approx(expected, rel=RTOL)
+    assert "**helpful #1** training example" in v.markdown and "**harmful #2** training example" in v.markdown
+    assert result_token_views(attributor, pq, result, lambda i: train[i - 100], collate, sequences=0) == {}
 
 
 def test_markdown_marks_the_largest_tokens_and_escapes_markdown():

@@ -186,7 +186,7 @@ def test_eigenbasis_refresh_waits_for_min_statistics_steps_and_fewer_warn(caplog
     torch.manual_seed(0)
     model = OneLayer().double()
     config = ip.InfluenceConfig(accumulation_dtype="float64", min_statistics_steps=3, update_every=1)
-    tracker = ip.InfluenceTracker(model, ip.ClassificationTask(), config)
+    tracker = ip.InfluenceTracker(model, ip.ClassificationTask(), config).attach()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     bases = []
     for batch in data:
@@ -219,7 +219,6 @@ def test_resumed_tracker_continues_the_moving_average_and_the_subsets_exactly():
     model = OneLayer().double()
     first = train(model, data[:3], config)
     second = ip.InfluenceTracker(model, ip.ClassificationTask(), config)
-    second.close()
     second.load_state_dict(first.state_dict())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with second.attach():

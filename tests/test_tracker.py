@@ -129,12 +129,40 @@ def test_hooks_are_removed_on_close_and_on_exception():
             assert all(m._forward_hooks for m in layers)
             raise RuntimeError("boom")
     assert not any(m._forward_hooks for m in layers) and not model._forward_pre_hooks
-    tracker = ip.InfluenceTracker(model, ip.ClassificationTask())
-    tracker.attach()  # attaching twice never piles up handles
+    tracker = ip.InfluenceTracker(model, ip.ClassificationTask()).attach().attach()  # never piles up handles
     assert all(len(m._forward_hooks) == 1 for m in layers)
     tracker.close()
     tracker.close()
     assert not any(m._forward_hooks for m in layers)
+
+
+def module_hooks(model: nn.Module) -> int:
+    """Forward, forward-pre, backward and backward-pre hooks registered on any submodule."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               + len(m._backward_pre_hooks) for m in model.modules())
+
+
+def test_constructing_a_tracker_attaches_no_hooks():
+    """Hooks go on only through `attach` or the ``with`` block, and `close` removes all of them."""
+    model = mlp()
+    items = data(8)
+    config = ip.InfluenceConfig(update_every=1, strategy="ekfac")
+    tracker = ip.InfluenceTracker(model, ip.ClassificationTask(), config, queries=[next(iter(loader(items, 4)))])
+    assert module_hooks(model) == 0 and not tracker.attached
+    x, y = next(iter(loader(items, 4)))
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="not attached"):  # nothing was captured: said, not skipped
+        tracker.step((x, y), indices=[0, 1, 2, 3])
+    assert tracker.attach() is tracker and tracker.attached and module_hooks(model) > 0
+    F.cross_entropy(model(x), y).backward()
+    assert tracker.step((x, y), indices=[0, 1, 2, 3])
+    tracker.close()
+    assert module_hooks(model) == 0 and not tracker.attached
+    tracker.factors(loader=loader(items, 4))  # the bounded eigenvalue pass attaches for itself alone
+    assert module_hooks(model) == 0
+    with ip.InfluenceTracker(model, ip.ClassificationTask(), config) as entered:
+        assert entered.attached and module_hooks(model) > 0
+    assert module_hooks(model) == 0
 
 
 def test_nan_batch_is_skipped_counted_and_warned():

@@ -87,3 +87,6 @@ def main(out: Path) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main(Path(sys.argv[1]))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no process tears gloo down while the other is still inside a collective
+        torch.distributed.destroy_process_group()  # not left to interpreter exit, where gloo's threads can abort

@@ -1,0 +1,149 @@
+"""`AttributionJob`: the scoring of one attribution, from factors to an `AttributionResult`.
+
+The queries are differentiated and preconditioned once; then either the candidate loader is
+scored in a fixed order (all scores ``[Q, N]``, each layer's Σ|score| for the layer shares,
+optionally every candidate's self-influence) or the scores streamed from the training backward
+are taken as they are. The result also carries the views a reporter shows: top-k per query, tail
+exponents and, for token inputs (`add_token_views`), the per-token and per-layer scores of each
+query's top sequences, so that reporters only render what they are given.
+
+The caller runs a job inside `SideTaskPolicy.isolated` (training hooks paused, forked RNG,
+gradients enabled); the job itself never touches a parameter's ``.grad``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .artifacts import AttributionResult
+from .attributor import Attributor, PreconditionedQueries
+from .config import InfluenceConfig
+from .data import AttributionData
+from .factors import Factors
+from .options import AttributionOptions
+from .reporting import layer_shares, tail_exponent
+from .streaming import StreamedScores
+from .tasks import Task
+from .token_views import result_token_views
+
+
+class AttributionJob:
+    """Scores queries against candidates with given factors.
+
+    Args:
+        model, task, config: what the tracker tracks.
+        options: top-k, self-influence, token views, progress bar.
+        show_progress: whether this process may show a progress bar (the main one).
+    """
+
+    def __init__(self, model: nn.Module, task: Task, config: InfluenceConfig, options: AttributionOptions,
+                 show_progress: bool = True) -> None:
+        self.model, self.task, self.config, self.options = model, task, config, options
+        self.show_progress = show_progress and options.progress
+        self.attributor: Optional[Attributor] = None
+        self.queries: Optional[PreconditionedQueries] = None
+
+    def run(self, factors: Factors, data: AttributionData, step: int, reason: str,
+            streamed: Optional[StreamedScores] = None, extra: Optional[dict[str, Any]] = None) -> AttributionResult:
+        """The `AttributionResult` of ``data``'s queries at ``step``: against ``streamed`` scores
+        when given (no candidate pass), else against ``data``'s candidate loader."""
+        started = time.perf_counter()
+        self.attributor = attributor = Attributor(self.model, self.task, factors, self.config)
+        self.queries = pq = attributor.precondition(data.queries)
+        extra = {"candidates_requested": self.options.candidate_mode, **(extra or {})}
+        if streamed is not None:
+            scores, candidate_indices = streamed.scores.float().cpu(), streamed.indices.cpu()
+            shares, layer_names, self_scores, mode = torch.zeros(scores.shape[0], 0), [], None, "stream"
+            extra.update(streamed_visits=int(streamed.visits.sum()), streamed_batches=dict(streamed.batches))
+        else:
+            scores, abs_sums, self_scores = self._candidate_pass(attributor, pq, data, step)
+            shares, layer_names = layer_shares(abs_sums), attributor.layer_names
+            mode = "all" if self.options.candidate_mode == "stream" else self.options.candidate_mode
+            candidate_indices = data.candidate_indices if data.candidate_indices is not None else torch.arange(
+                scores.shape[1])
+            if candidate_indices.numel() != scores.shape[1]:
+                raise ValueError(f"candidate_indices has {candidate_indices.numel()} entries but {scores.shape[1]} "
+                                 "candidates were scored")
+        n = scores.shape[1]
+        if n == 0:
+            raise ValueError("No candidate was scored")
+        query_indices = data.query_indices if data.query_indices is not None else torch.arange(len(pq))
+        k = min(self.options.top_k, n)
+        helpful_scores, helpful_pos = scores.nan_to_num(float("-inf")).topk(k, dim=1)
+        harmful_scores, harmful_pos = scores.nan_to_num(float("inf")).topk(k, dim=1, largest=False)
+        result = AttributionResult(
+            step=int(step), reason=str(reason), scores=scores, candidate_indices=candidate_indices.clone(),
+            query_indices=query_indices.clone(), measurements=pq.measurements.float().cpu(),
+            helpful_indices=candidate_indices[helpful_pos], helpful_scores=helpful_scores,
+            harmful_indices=candidate_indices[harmful_pos], harmful_scores=harmful_scores,
+            layer_names=layer_names, layer_shares=shares, candidate_mode=mode,
+            tail_exponents=torch.tensor([tail_exponent(scores[q]) for q in range(scores.shape[0])], dtype=torch.float32),
+            strategy=self.config.strategy, fisher=self.config.fisher, config=self.config.to_dict(),
+            duration_s=0.0, self_scores=self_scores, extra=extra, num_train=data.source.candidate_dataset_size,
+            measurement_name=str(getattr(self.task, "measurement_name", "loss")),
+        )
+        result.duration_s = time.perf_counter() - started
+        return result
+
+    def add_token_views(self, result: AttributionResult, data: AttributionData) -> None:
+        """Per-token and per-layer scores of each query's top sequences into ``result.token_views``
+        (token inputs with ``token_sequences > 0`` only; backward passes at the parameters of `run`)."""
+        if self.options.token_sequences < 1 or not data.tokenized or data.collate_fn is None or self.queries is None:
+            return
+        started = time.perf_counter()
+        result.token_views = result_token_views(
+            self.attributor, self.queries, result, data.source.candidate_example, data.collate_fn, data.tokenizer,
+            sequences=self.options.token_sequences, top_tokens=self.options.top_tokens)
+        result.duration_s += time.perf_counter() - started
+
+    def _candidate_pass(self, attributor: Attributor, pq: PreconditionedQueries, data: AttributionData,
+                        step: int) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Score the candidate loader: scores ``[Q, N]``, per-layer Σ|score| ``[L, Q]`` and, with
+        ``self_influence``, self-influence ``[N]``."""
+        bar = self._progress_bar(data.num_candidates, f"influence @ step {step}")
+        abs_sums = None
+        parts: list[torch.Tensor] = []
+        try:
+            for _, per_layer in attributor.iter_scores(pq, data.candidates):  # [L, Q, B]
+                layer_abs = per_layer.abs().nan_to_num(0.0, posinf=0.0, neginf=0.0).sum(-1).double().cpu()
+                abs_sums = layer_abs if abs_sums is None else abs_sums + layer_abs
+                parts.append(per_layer.sum(0).float().cpu())
+                bar.update(per_layer.shape[-1])
+            self_scores = None
+            if self.options.self_influence:
+                bar.set_description(f"self-influence @ step {step}")
+                self_scores = attributor.self_scores(data.candidates).float().cpu()
+        finally:
+            bar.close()
+        if not parts:
+            raise ValueError("The candidate loader yielded no batch")
+        return torch.cat(parts, dim=1), abs_sums, self_scores
+
+    def _progress_bar(self, total: Optional[int], description: str) -> Any:
+        if not self.show_progress:
+            return _NoBar()
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # pragma: no cover - tqdm comes with transformers and lightning
+            return _NoBar()
+        return tqdm(total=total, desc=description, unit="ex", leave=False, dynamic_ncols=True)
+
+
+class _NoBar:
+    """Stands in for a progress bar that is not shown."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_description(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+__all__ = ["AttributionJob"]
