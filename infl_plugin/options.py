@@ -126,7 +126,11 @@ def resolve_options(owner: str, options: Any = None, **overrides: Any) -> Attrib
     """``options`` (``None``, an `AttributionOptions`, a mapping or a DictConfig) with ``overrides``
     (fields given as keywords) applied, validated with ``owner`` naming the fields in errors
     (``InfluenceCallback.top_k must be …``). Deprecated names are mapped with a warning; giving a
-    deprecated name and its new name together, or an unknown name, is an error."""
+    deprecated name and its new name together, or an unknown name, is an error.
+
+    A keyword equal to its field's default does not replace the value set in ``options``: a
+    LightningCLI passes every keyword of the signature, defaults included, next to a nested
+    ``options:`` block, which must keep its values."""
     for old, new in DEPRECATED_NAMES.items():
         if old in overrides:
             if new in overrides:
@@ -134,6 +138,8 @@ def resolve_options(owner: str, options: Any = None, **overrides: Any) -> Attrib
             warnings.warn(f"{owner}.{old} is deprecated: use {new}", DeprecationWarning, stacklevel=3)
             overrides[new] = overrides.pop(old)
     reject_unknown_fields(AttributionOptions, overrides, owner=owner)
+    if options is not None:  # a keyword left at its default keeps the value set in ``options``
+        overrides = {k: v for k, v in overrides.items() if not _is_default(k, v)}
     token = _OWNER.set(owner)
     try:
         if options is None:
@@ -148,6 +154,12 @@ def resolve_options(owner: str, options: Any = None, **overrides: Any) -> Attrib
                                  f"got {type(options).__name__}")
     finally:
         _OWNER.reset(token)
+
+
+def _is_default(name: str, value: Any) -> bool:
+    """Whether ``value`` is field ``name``'s default (plain values only: a dataset is never one)."""
+    default = _DEFAULTS[name]
+    return type(value) is type(default) and isinstance(value, (bool, int, str, type(None))) and value == default
 
 
 def _plain(options: Any) -> dict[str, Any]:
@@ -180,5 +192,6 @@ AttributionOptions.__signature__ = inspect.Signature(  # the dataclass fields, n
 )
 
 OPTION_FIELDS = tuple(f.name for f in fields(AttributionOptions))
+_DEFAULTS = {f.name: f.default for f in fields(AttributionOptions)}
 
 __all__ = ["AttributionOptions", "DEPRECATED_NAMES", "OPTION_FIELDS", "resolve_options"]

@@ -10,7 +10,7 @@ surfaces only: the events' ``args`` / ``state`` and their ``model``, ``processin
 module hooks on the model and a pass-through recorder of the training loader's batch sampler (the
 dataset indices of each batch, for ``candidates="stream"``). It never needs the ``Trainer`` object.
 
-* ``on_train_begin``: the session is built on the unwrapped model (its layer hooks go on), a
+* ``on_train_begin``: the session is built on the unwrapped model and its layer hooks go on, a
   forward pre-hook (``with_kwargs=True``) and a forward hook go on the model to see each training
   micro-batch's keyword inputs (``input_ids``, ``attention_mask`` so padding is excluded,
   ``labels``, ``num_items_in_batch``) and the loss it returns, a ``SummaryWriter`` is opened in the
@@ -21,17 +21,21 @@ dataset indices of each batch, for ``candidates="stream"``). It never needs the 
   the training backward, so whatever the Trainer did to it (``1 / gradient_accumulation_steps``,
   the AMP ``GradScaler`` scale, a factor for tokens averaged across devices) is measured, not
   assumed.
-* ``on_step_end`` (every ``every_n_steps``), ``on_save``, ``on_evaluate`` (optional),
-  ``on_train_end``: attribution, reported to TensorBoard with token- and layer-level views
-  (`TokenReporter`) and written as artifacts; ``on_save`` also writes the session state into
-  ``checkpoint-N/`` (safetensors + JSON, written atomically, main process only).
+* ``on_step_end`` (every ``every_n_steps``), ``on_save``, ``on_evaluate`` (with
+  ``attribute_on_evaluate``), ``on_train_end``: attribution (whose result carries token- and
+  layer-level views of each query's top sequences), reported to TensorBoard (`TokenReporter`) and
+  written as artifacts; ``on_save`` also writes the session state into ``checkpoint-N/``
+  (`infl_plugin.serialization`: safetensors + JSON, written atomically, main process only).
+
+What to attribute and when is an `infl_plugin.options.AttributionOptions`, shared with the
+Lightning callback (``options=``, also an OmegaConf structured config, or its fields as keywords).
 
 Hooks come off at ``on_train_end`` and with `InfluenceTrainerCallback.close`. No Trainer event
 reports an exception, so after a crashed ``trainer.train()`` the hooks stay on the model until
 ``callback.close()`` or the next ``on_train_begin`` (which drops what they captured); they are
 harmless meanwhile: at most ``MAX_PENDING`` recorded micro-batches are kept, the layer hooks add
-into fixed-size pending sums, and nothing is committed outside a Trainer step. Training is never changed: statistics come from the training backward itself,
-attribution runs in eval mode with forked RNGs and never touches ``.grad``, and a failing
+into fixed-size pending sums, and nothing is committed outside a Trainer step. Training is never
+changed: statistics come from the training backward itself, attribution runs in eval mode with forked RNGs and never touches ``.grad``, and a failing
 micro-batch or attribution only warns.
 """
 

@@ -24,6 +24,8 @@ TIMEOUT_S = 300  # a healthy 2-process run takes 10-40 s on 2 cores; a deadlock 
 
 
 def _script(name: str) -> ModuleType:
+    if str(SCRIPTS) not in sys.path:  # the scripts import their shared `reports` module
+        sys.path.insert(0, str(SCRIPTS))
     spec = importlib.util.spec_from_file_location(f"ddp_{name}", SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

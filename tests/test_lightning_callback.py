@@ -429,6 +429,8 @@ def test_options_are_one_validated_dataclass_shared_by_both_callbacks():
     with pytest.warns(DeprecationWarning, match="on_save is deprecated"):
         built.append(InfluenceCallback(every_n_steps=5, on_save=False, top_k=3))
     assert all(c.options == expected for c in built)
+    # LightningCLI passes every keyword, defaults included, next to a nested ``options:`` block
+    assert InfluenceCallback(options=expected, every_n_steps=None, top_k=10, strict=False).options == expected
     for kwargs, pattern in (({"top_k": 0}, r"InfluenceCallback\.top_k must be an integer >= 1"),
                             ({"every_n_steps": "10"}, r"InfluenceCallback\.every_n_steps"),
                             ({"attribute_on_save": "yes"}, r"InfluenceCallback\.attribute_on_save must be None, True"),

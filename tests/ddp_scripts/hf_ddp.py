@@ -11,9 +11,7 @@ every 2 steps (the callback's ``on_save`` sums the statistics over the ranks). R
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import warnings
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 import infl_plugin as ip
 from infl_plugin.integrations.huggingface import InfluenceTrainerCallback
+from reports import run, save_report
 
 N_TRAIN, N_QUERIES, LENGTH, VOCAB, GLOBAL_BATCH, STEPS = 32, 4, 8, 64, 8, 4
 
@@ -76,17 +75,9 @@ def train(out: Path, name: str, world: int) -> dict:
 
 
 def main(out: Path) -> None:
-    world = int(os.environ["WORLD_SIZE"])
-    report = train(out, "ddp", world)
-    if report["rank"] == 0:
-        torch.save({k: v for k, v in report.items() if k != "warnings"}, out / "ddp.pt")
-    public = {k: v for k, v in report.items() if isinstance(v, (int, str, list)) and k != "parameters"}
-    (out / f"ddp_rank{report['rank']}.json").write_text(json.dumps(public))
+    report = train(out, "ddp", int(os.environ["WORLD_SIZE"]))
+    save_report(out, "ddp", report["rank"], report)
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
-    main(Path(sys.argv[1]))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # no process tears gloo down while the other is still inside a collective
-        torch.distributed.destroy_process_group()  # not left to interpreter exit, where gloo's threads can abort
+    run(main)

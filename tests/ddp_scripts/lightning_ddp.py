@@ -23,10 +23,8 @@ writes ``OUT/<name>_rank<r>.json`` (counters and infl_plugin warnings).
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -41,6 +39,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 import infl_plugin as ip
 from infl_plugin.integrations.lightning import InfluenceCallback
+from reports import run, save_report
 
 N_TRAIN, N_VAL, GLOBAL_BATCH = 32, 8, 8  # 4 optimizer steps per epoch
 
@@ -158,16 +157,8 @@ def main(out: Path) -> None:
     runs = [(name, logger, "compare", "all") for name, logger in loggers(out).items()]
     runs += [("stream", False, "compare", "stream"), ("skip", False, "skip", "all")]
     for name, logger, mode, candidates in runs:
-        report = fit(out, name, logger, world, rank, mode, candidates)
-        if rank == 0:
-            torch.save({k: v for k, v in report.items() if k != "warnings"}, out / f"{name}.pt")
-        public = {k: v for k, v in report.items() if isinstance(v, (int, str, list)) and k != "parameters"}
-        (out / f"{name}_rank{rank}.json").write_text(json.dumps(public))
+        save_report(out, name, rank, fit(out, name, logger, world, rank, mode, candidates))
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
-    main(Path(sys.argv[1]))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # no process tears gloo down while the other is still inside a collective
-        torch.distributed.destroy_process_group()  # not left to interpreter exit, where gloo's threads can abort
+    run(main)
