@@ -23,8 +23,6 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved, lm_batches, setup_threads, table, tiny_gpt2, write_section  # noqa: E402
 

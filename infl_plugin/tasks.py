@@ -33,6 +33,16 @@ class Task:
         """Per-example training loss, ``Tensor[batch]``; sampled targets when ``sample``."""
         raise NotImplementedError
 
+    def loss_from_output(
+        self, output: Any, batch: Any, sample: bool = False, generator: Optional[torch.Generator] = None
+    ) -> torch.Tensor:
+        """`loss` from the model's output on ``batch`` (a forward already run), ``Tensor[batch]``.
+
+        Lets an adapter compare the loss a training step returned with the task's losses without
+        another forward; tasks that do not implement it raise ``NotImplementedError``.
+        """
+        raise NotImplementedError
+
     def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """Per-example query measurement f, ``Tensor[batch]`` (default: the loss)."""
         return self.loss(model, batch)
@@ -62,22 +72,20 @@ class ClassificationTask(Task):
     use ``F.cross_entropy(logits, labels)`` (mean over the batch).
     """
 
-    def _logits_and_labels(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, model, batch, sample=False, generator=None):
         _require_pair_or_mapping(self, batch, "labels", "(inputs, labels)")
         if isinstance(batch, Mapping):
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-            out = model(**inputs)
-            labels = batch["labels"]
+            output = model(**{k: v for k, v in batch.items() if k != "labels"})
         else:
-            out = model(batch[0])
-            labels = batch[1]
-        return _logits(out), labels
+            output = model(batch[0])
+        return self.loss_from_output(output, batch, sample, generator)
 
-    def loss(self, model, batch, sample=False, generator=None):
-        logits, labels = self._logits_and_labels(model, batch)
+    def loss_from_output(self, output, batch, sample=False, generator=None):
+        logits = _logits(output)
+        labels = batch["labels"] if isinstance(batch, Mapping) else batch[1]
         if sample:
             labels = sample_categorical(logits, generator)
-        return F.cross_entropy(_full_precision(logits), labels, reduction="none")
+        return F.cross_entropy(_full_precision(logits), labels.to(logits.device), reduction="none")
 
 
 class RegressionTask(Task):
@@ -90,7 +98,10 @@ class RegressionTask(Task):
 
     def loss(self, model, batch, sample=False, generator=None):
         _require_pair_or_mapping(self, batch, None, "(inputs, targets)")
-        pred = _full_precision(_logits(model(batch[0])))
+        return self.loss_from_output(model(batch[0]), batch, sample, generator)
+
+    def loss_from_output(self, output, batch, sample=False, generator=None):
+        pred = _full_precision(_logits(output))
         pred = pred.reshape(pred.shape[0], -1)
         if sample:
             noise = torch.randn(pred.shape, generator=generator, dtype=pred.dtype,
@@ -131,12 +142,15 @@ class CausalLMTask(Task):
         return shifted
 
     def loss(self, model, batch, sample=False, generator=None):
-        targets = self.shifted_labels(batch)
+        self.shifted_labels(batch)  # checks the layout before the model runs
         inputs = {"input_ids": batch["input_ids"]}
         if batch.get("attention_mask") is not None:
             inputs["attention_mask"] = batch["attention_mask"]
-        logits = _full_precision(_logits(model(**inputs)))
-        targets = targets.to(logits.device)
+        return self.loss_from_output(model(**inputs), batch, sample, generator)
+
+    def loss_from_output(self, output, batch, sample=False, generator=None):
+        logits = _full_precision(_logits(output))
+        targets = self.shifted_labels(batch).to(logits.device)
         valid = targets != IGNORE_INDEX
         if sample:
             drawn = sample_categorical(logits.reshape(-1, logits.shape[-1]), generator).reshape(targets.shape)

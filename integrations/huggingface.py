@@ -35,8 +35,8 @@ reports an exception, so after a crashed ``trainer.train()`` the hooks stay on t
 ``callback.close()`` or the next ``on_train_begin`` (which drops what they captured); they are
 harmless meanwhile: at most ``MAX_PENDING`` recorded micro-batches are kept, the layer hooks add
 into fixed-size pending sums, and nothing is committed outside a Trainer step. Training is never
-changed: statistics come from the training backward itself, attribution runs in eval mode with forked RNGs and never touches ``.grad``, and a failing
-micro-batch or attribution only warns.
+changed: statistics come from the training backward itself, attribution runs in eval mode with
+forked RNGs and never touches ``.grad``, and a failing micro-batch or attribution only warns.
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback
 
@@ -61,9 +60,9 @@ from infl_plugin.indices import BatchIndexRecorder
 from infl_plugin.options import AttributionOptions, resolve_options
 from infl_plugin.schedule import Reason
 from infl_plugin.session import InfluenceSession
-from infl_plugin.serialization import STATE_FILE, load_state, save_state
+from infl_plugin.serialization import load_state, save_state
 from infl_plugin.serialization import state_path as _state_path
-from infl_plugin.tasks import IGNORE_INDEX, CausalLMTask, ClassificationTask, Task
+from infl_plugin.tasks import CausalLMTask, ClassificationTask, Task
 from infl_plugin.token_report import TokenReporter
 
 MAX_PENDING = 4  # recorded micro-batches kept between commits (1 inside the Trainer's loop)
@@ -122,7 +121,7 @@ class TrainerLossScale:
             micro.model_scale = items if self.mode in (None, "num_items") else mean
             return
         loss = model_loss(output)
-        total = summed_task_loss(self.task, output, micro.batch)
+        total = self._summed_task_loss(output, micro.batch)
         if loss is None or total is None or not total > 0:
             self.warn("unmeasured", "infl_plugin: cannot compare the model's loss with the task's losses (no loss "
                       "or logits in the output, or an unsupported task); assuming loss = Σ losses / "
@@ -138,6 +137,15 @@ class TrainerLossScale:
                   f"normalised sum of the task's per-example losses (ratio {ratio:.4g}, expected {items:.4g} or "
                   f"{mean:.4g}); is the task right (labels, padding set to -100)? Using the measured ratio.")
         micro.model_scale = ratio
+
+    def _summed_task_loss(self, output: Any, batch: dict[str, torch.Tensor]) -> Optional[float]:
+        """``Σ_n task_loss_n`` from the model's output (no forward, no graph); ``None`` when the task
+        cannot read this output."""
+        try:
+            with torch.no_grad():
+                return float(self.task.loss_from_output(output, batch).double().sum())
+        except (NotImplementedError, TypeError, KeyError, IndexError, ValueError, RuntimeError):
+            return None
 
     def grad_scale(self, micro: MicroBatch, args: Any) -> float:
         """``d(backpropagated objective) / d(Σ_n task_loss_n)`` for a micro-batch whose backward just ran."""
@@ -161,22 +169,6 @@ def model_loss(output: Any) -> Optional[torch.Tensor]:
     """The loss a model returned (``output["loss"]`` of a ``ModelOutput`` or dict), else ``None``."""
     loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
     return loss if isinstance(loss, torch.Tensor) else None
-
-
-def summed_task_loss(task: Task, output: Any, batch: dict[str, torch.Tensor]) -> Optional[float]:
-    """``Σ_n task_loss_n`` from a model output's logits (``None`` for other tasks or outputs)."""
-    logits = getattr(output, "logits", None)
-    labels = batch.get("labels")
-    if not isinstance(logits, torch.Tensor):
-        return None
-    with torch.no_grad():
-        if isinstance(task, CausalLMTask):
-            targets = task.shifted_labels(batch).to(logits.device)
-            return sum(float(F.cross_entropy(logits[n].float(), targets[n], ignore_index=IGNORE_INDEX, reduction="sum"))
-                       for n in range(logits.shape[0]))
-        if isinstance(task, ClassificationTask) and isinstance(labels, torch.Tensor) and logits.dim() == 2:
-            return float(F.cross_entropy(logits.float(), labels.to(logits.device), reduction="sum"))
-    return None
 
 
 class TrainingInputs:

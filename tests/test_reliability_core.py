@@ -348,3 +348,22 @@ def test_tracker_logs_the_memory_of_its_selection(caplog):
     tracker.close()
     text = caplog.text
     assert "model.layers.0.self_attn.q_proj" in text and "lm_head" not in text and "ekfac: about" in text
+
+
+def test_loss_from_output_is_the_tasks_loss_without_another_forward():
+    """Adapters compare a training step's loss with ``Σ_n loss_n`` from the output they already
+    have; it must be exactly the task's `loss` (same operations on the same logits)."""
+    torch.manual_seed(0)
+    classifier, x, y = nn.Linear(5, 3), torch.randn(6, 5), torch.randint(0, 3, (6,))
+    regressor, targets = nn.Linear(5, 2), torch.randn(6, 2)
+    lm = nn.Sequential(nn.Embedding(11, 4), nn.Linear(4, 11))
+    ids = torch.randint(0, 11, (3, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
+    cases = [(ip.ClassificationTask(), classifier, (x, y), classifier(x)),
+             (ip.RegressionTask(), regressor, (x, targets), regressor(x)),
+             (ip.CausalLMTask(), lambda input_ids, attention_mask: lm(input_ids),
+              {"input_ids": ids, "attention_mask": mask}, lm(ids))]
+    for task, model, batch, output in cases:
+        assert torch.equal(task.loss_from_output(output, batch), task.loss(model, batch)), type(task).__name__
+    with pytest.raises(NotImplementedError):
+        ip.Task().loss_from_output(classifier(x), (x, y))

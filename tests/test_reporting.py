@@ -10,8 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.tensorboard import SummaryWriter
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -22,8 +20,6 @@ from infl_plugin.reporting import (
     ImageRenderer, Rendered, Reporter, TensorBoardReporter, TextRenderer, ccdf, depth_bins, escape_markdown,
     layer_shares, make_renderer, markdown_cell, signed_log_scores, tail_exponent,
 )
-from infl_plugin.data import DatasetSource, make_loader
-from infl_plugin.session import InfluenceSession
 from infl_plugin.token_report import TokenReporter
 from infl_plugin.token_views import TokenViews
 from tensorboard.plugin_util import markdown_to_safe_html

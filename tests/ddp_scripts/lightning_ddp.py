@@ -27,7 +27,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import lightning.pytorch as pl
 import torch
