@@ -44,7 +44,6 @@ artifacts happen only where ``is_main``, and every rank refreshes its eigenbasis
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from typing import Any, Callable, ContextManager, Iterable, Optional, Sequence, Union
 
@@ -57,8 +56,8 @@ from .config import InfluenceConfig
 from .data import AttributionData, DatasetSource, eigenvalue_loader
 from .factors import Factors
 from .job import AttributionJob
+from .loss_reduction import LossReduction
 from .options import AttributionOptions, resolve_options
-from .passes import isolated
 from .reporting import Reporter
 from .schedule import AttributionSchedule, Reason
 from .serialization import clone_state
@@ -113,7 +112,7 @@ class InfluenceSession:
         self.attributions = 0
         self.last_result: Optional[AttributionResult] = None
         self.last_factors: Optional[Factors] = None
-        self.loss_reduction: Union[None, str, float] = None  # see `check_training_loss`
+        self.reduction = LossReduction(task, self.options.strict)
 
     # ----------------------------------------------------------------------------- data
     def set_data(self, data: Union[AttributionData, Iterable], candidates: Optional[Iterable] = None, *,
@@ -232,52 +231,20 @@ class InfluenceSession:
         return self.policy.failed_attributions
 
     # ----------------------------------------------------------------------------- loss reduction
-    def check_training_loss(self, batch: Any, loss: float, factor: float = 1.0) -> None:
-        """Measure, once, how the training loss reduces the task's per-example losses.
+    @property
+    def loss_reduction(self) -> Union[None, str, float]:
+        """How the training loss reduces the task's losses (see `LossReduction`); ``None``: not measured."""
+        return self.reduction.mode
 
-        ``loss``: the value the training backward differentiates; ``factor``: what the adapter
-        knows multiplies it besides the reduction (``1/accumulation`` × the AMP loss scale). The
-        batch's ``Σ_n loss_n`` is computed without gradients in eval mode with forked RNGs and the
-        hooks paused (training is unchanged), and ``loss / (factor × Σ_n loss_n)`` is compared with
-        the task's mean (``task.training_loss_scale``) and a plain sum (1). A sum is warned about
-        (an error when ``strict``) and then undone on every batch by `task_loss_scale`; neither
-        warns and uses the measured ratio. Undecided while the two hypotheses coincide (one example).
-        """
-        mean = self.task.training_loss_scale(batch)
-        if self.loss_reduction is not None or not (math.isfinite(mean) and mean > 0) or math.isclose(mean, 1.0):
-            return
-        with self.tracker.paused(), isolated(self.model), torch.no_grad():
-            total = float(self.task.loss(self.model, batch).double().sum())
-        if not (math.isfinite(total) and total > 0 and math.isfinite(loss) and loss > 0):
-            return  # cannot tell from this batch; the next statistics micro-batch tries again
-        ratio = loss / (factor * total)
-        distance = {name: abs(math.log(ratio / value)) for name, value in (("mean", mean), ("sum", 1.0))}
-        nearest = min(distance, key=distance.get)
-        if distance[nearest] > math.log(1.5):
-            self.loss_reduction = ratio
-            message = (f"infl_plugin: the training loss is neither the mean nor the sum of the task's per-example "
-                       f"losses (loss / Σ losses = {ratio:.4g}; mean: {mean:.4g}, sum: 1); is the task right? "
-                       "Statistics use the measured ratio")
-        elif nearest == "sum":
-            self.loss_reduction = "sum"
-            message = (f"infl_plugin: the training loss is the sum of the per-example losses, not their mean (loss "
-                       f"/ Σ losses = {ratio:.4g}, mean would be {mean:.4g}); statistics undo a sum from now on")
-        else:
-            self.loss_reduction = "mean"
-            return
-        if self.policy.strict:
-            raise ValueError(message + " (strict=True refuses the mismatch: make the loss a batch mean or pass a Task "
-                             "whose training_loss_scale matches it)")
-        warnings.warn(message, stacklevel=2)
+    def check_training_loss(self, batch: Any, loss: float, factor: float = 1.0) -> None:
+        """Measure, once, whether the training loss is the task's mean or a sum (`LossReduction.check`),
+        with the tracker's hooks paused so the extra forward feeds nothing."""
+        with self.tracker.paused():
+            self.reduction.check(self.model, batch, loss, factor)
 
     def task_loss_scale(self, batch: Any) -> float:
-        """``training_loss / Σ_n loss_n`` before accumulation and AMP: the task's mean unless
-        `check_training_loss` measured a sum (1) or another ratio (that ratio)."""
-        if self.loss_reduction == "sum":
-            return 1.0
-        if isinstance(self.loss_reduction, float):
-            return self.loss_reduction
-        return self.task.training_loss_scale(batch)
+        """``training_loss / Σ_n loss_n`` before accumulation and AMP (`LossReduction.scale`)."""
+        return self.reduction.scale(batch)
 
     # ----------------------------------------------------------------------------- schedule
     def should_attribute(self, step: int, reason: Union[str, Reason]) -> bool:
