@@ -257,6 +257,23 @@ def test_attribution_on_checkpoint_save_during_validation(tmp_path):
         assert torch.equal(q_a, live["bases"][name][0]) and torch.equal(q_s, live["bases"][name][1])
 
 
+def test_attribution_after_each_validation_run_but_not_the_sanity_check(tmp_path):
+    """``attribute_on_evaluate``: one attribution per validation run of ``fit`` (reason "evaluate"),
+    none for the sanity check before training; the train-end one at the same step is not repeated."""
+
+    class WithValidation(Net):
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", F.cross_entropy(self(x), y))
+
+    callback = _callback(attribute_on_evaluate=True)
+    trainer = _trainer(tmp_path, [callback], epochs=2, limit_val_batches=None, num_sanity_val_steps=2)
+    trainer.fit(WithValidation())
+    frame = read_artifacts(tmp_path)
+    assert frame["reason"].tolist() == ["evaluate", "evaluate"] and frame["step"].tolist() == [6, 12]
+    assert callback.session.attributions == 2
+
+
 # ------------------------------------------------------------------------------------ hooks
 def _hook_counts(module: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in module.modules())
