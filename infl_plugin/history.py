@@ -9,8 +9,8 @@ gives the Jaccard overlap of each key's top set with the previous attribution's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Optional
 
 
 def jaccard(a: Iterable[int], b: Iterable[int]) -> float:
@@ -71,6 +71,18 @@ class InfluenceHistory:
             example.values.append(float(got[0]))
             example.shares.append(float(got[1]))
         return examples
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain containers (lists, dicts, numbers): every series and the previous top sets, so that a
+        resumed run continues the same lines."""
+        return {"tracked": {key: [asdict(e) for e in examples.values()] for key, examples in self.tracked.items()},
+                "previous_top": {key: sorted(top) for key, top in self.previous_top.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tracked = {key: {int(e["index"]): TrackedExample(int(e["index"]), str(e["direction"]), list(e["steps"]),
+                                                              list(e["values"]), list(e["shares"])) for e in examples}
+                        for key, examples in state["tracked"].items()}
+        self.previous_top = {key: {int(i) for i in top} for key, top in state["previous_top"].items()}
 
     def overlap(self, key: str, top: Iterable[int]) -> Optional[float]:
         """Jaccard overlap of ``top`` with ``key``'s previous top set (``None`` the first time); stores ``top``."""

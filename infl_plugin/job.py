@@ -58,6 +58,8 @@ class AttributionJob:
         if streamed is not None:
             scores, candidate_indices = streamed.scores.float().cpu(), streamed.indices.cpu()
             shares, layer_names, self_scores, mode = torch.zeros(scores.shape[0], 0), [], None, "stream"
+            if streamed.layer_abs is not None and streamed.layer_names:
+                shares, layer_names = layer_shares(streamed.layer_abs.cpu()), list(streamed.layer_names)
             extra.update(streamed_visits=int(streamed.visits.sum()), streamed_batches=dict(streamed.batches))
         else:
             scores, abs_sums, self_scores = self._candidate_pass(attributor, pq, data, step)

@@ -356,7 +356,12 @@ class ExampleSource(Protocol):
 @runtime_checkable
 class Reporter(Protocol):
     """What ``InfluenceSession.reporter`` must implement: log one attribution (called on the main
-    process after each attribution, inside the session's tolerant guard: an exception warns)."""
+    process after each attribution, inside the session's tolerant guard: an exception warns).
+
+    A reporter with state across attributions may also define ``state_dict()`` (plain containers
+    and tensors) and ``load_state_dict(state)``: the session saves it with its own state, so a
+    resumed run continues it.
+    """
 
     def log(self, result: AttributionResult, source: Optional[ExampleSource] = None,
             step: Optional[int] = None) -> None: ...
@@ -366,8 +371,8 @@ class TensorBoardReporter:
     """Logs an `AttributionResult` to a ``SummaryWriter`` (``None`` = no-op). See the module docstring.
 
     The reporter keeps state across attributions (the tracked examples of each query and the
-    previous top-k sets, see `InfluenceHistory`); it restarts when the query set changes, and a
-    resumed run starts it afresh (it is a view of the logged results, not saved in checkpoints).
+    previous top-k sets, see `InfluenceHistory`); it restarts when the query set changes, and it is
+    saved in the session's checkpoint state (`state_dict`), so a resumed run continues its series.
 
     Args:
         writer: a ``torch.utils.tensorboard.SummaryWriter`` (Lightning: ``TensorBoardLogger.experiment``).
@@ -404,6 +409,14 @@ class TensorBoardReporter:
     @property
     def enabled(self) -> bool:
         return self.writer is not None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The influence-over-training history and the query set it belongs to."""
+        return {"history": self.history.state_dict(), "query_ids": self._query_ids}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history.load_state_dict(state["history"])
+        self._query_ids = None if state["query_ids"] is None else [int(i) for i in state["query_ids"]]
 
     # ----------------------------------------------------------------------------- entry point
     def log(self, result: AttributionResult, source: Optional[ExampleSource] = None, step: Optional[int] = None,

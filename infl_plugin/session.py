@@ -103,7 +103,8 @@ class InfluenceSession:
         self.tracker = InfluenceTracker(model, task, self.config)
         self.policy = SideTaskPolicy(self.tracker, self.options.strict)
         self.job = AttributionJob(model, task, self.config, self.options, show_progress=is_main)
-        self.reporter: Optional[Reporter] = None  # e.g. a TensorBoardReporter; None: no report
+        self._reporter: Optional[Reporter] = None
+        self._reporter_state: Optional[dict] = None  # a loaded reporter state waiting for its reporter
         self.artifact_dir: Optional[str] = None
         self.data: Optional[AttributionData] = None
         self.eigenvalue_loader: Optional[Iterable] = None
@@ -113,6 +114,23 @@ class InfluenceSession:
         self.last_result: Optional[AttributionResult] = None
         self.last_factors: Optional[Factors] = None
         self.reduction = LossReduction(task, self.options.strict)
+
+    @property
+    def reporter(self) -> Optional[Reporter]:
+        """Where results are logged (e.g. a `TensorBoardReporter`; ``None``: no report, the default).
+        A reporter state restored before the reporter was set is handed to it when it is."""
+        return self._reporter
+
+    @reporter.setter
+    def reporter(self, reporter: Optional[Reporter]) -> None:
+        self._reporter = reporter
+        self._restore_reporter()
+
+    def _restore_reporter(self) -> None:
+        if self._reporter_state is not None and self._reporter is not None and hasattr(self._reporter, "load_state_dict"):
+            with self.policy.tolerant("restoring the reporter's state"):
+                self._reporter.load_state_dict(self._reporter_state)
+            self._reporter_state = None
 
     # ----------------------------------------------------------------------------- data
     def set_data(self, data: Union[AttributionData, Iterable], candidates: Optional[Iterable] = None, *,
@@ -352,14 +370,15 @@ class InfluenceSession:
 
     # ----------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict:
-        """Statistics (summed over processes: call on every rank), counters and the tracker's RNG.
+        """Statistics (summed over processes: call on every rank), counters, the tracker's RNG and,
+        on the main process, the reporter's state (when it has one).
 
         Tensors are copies: later training does not change a returned state.
         """
         tracker_state = self.tracker.state_dict()
         if self.tracker.statistics is not None:
             tracker_state["statistics"] = clone_state(self.tracker.statistics.reduced().state_dict())
-        return {
+        state = {
             "version": STATE_VERSION,
             "tracker": tracker_state,
             "last_attribution_step": self.schedule.last_step,
@@ -367,6 +386,9 @@ class InfluenceSession:
             "failed_attributions": self.policy.failed_attributions,
             "failed_batches": self.policy.failed_batches,
         }
+        if self._reporter is not None and hasattr(self._reporter, "state_dict"):
+            state["reporter"] = clone_state(self._reporter.state_dict())
+        return state
 
     def load_state_dict(self, state: dict, rank: int = 0) -> None:
         """Restore `state_dict`. Statistics were summed over processes when saved, so only rank 0
@@ -380,6 +402,9 @@ class InfluenceSession:
         self.attributions = int(state["attributions"])
         self.policy.failed_attributions = int(state["failed_attributions"])
         self.policy.failed_batches = int(state["failed_batches"])
+        if rank == 0 and state.get("reporter") is not None:
+            self._reporter_state = state["reporter"]
+            self._restore_reporter()
 
 
 __all__ = ["InfluenceSession", "STATE_VERSION"]

@@ -8,7 +8,8 @@ gradients ``P_q`` held fixed (`PreconditionedQueries`), the score of n on q is
 
 `StreamingScorer` is the hook sink doing that contraction (`attributor.contract`, the same code
 checkpoint scoring runs) and the accumulator of the results; `StreamedScores` is what it hands
-out: per dataset index the scores summed over the example's visits.
+out: per dataset index the scores summed over the example's visits, and per layer the Σ|score|
+over the scored example visits (the per-layer view checkpoint scoring reports as layer shares).
 
 Per layer the scorer picks the cheaper route for the layer's shape, token count T, batch B and Q
 queries: full-rank queries always contract with the formed ``DW_n`` (``B·T·d_out·d_in`` to form
@@ -43,13 +44,24 @@ class StreamedScores:
     ``visits: LongTensor[M]`` (how many scored training steps each example took part in) and
     ``batches``: the number of scored micro-batches per query preconditioning (``"ekfac"``,
     ``"kfac"``, ``"diagonal"`` or ``"identity"``: plain gradient dot products, used before any
-    curvature statistics exist).
+    curvature statistics exist). ``layer_abs: [L, Q]`` (float64, ``None`` when nothing was
+    scored): per layer of ``layer_names`` (network order), Σ over the scored example visits of
+    |the layer's score| (each visit's score summed over the layer's calls first, times the
+    step's weight) — what `reporting.layer_shares` turns into per-layer shares.
     """
 
     indices: torch.Tensor
     scores: torch.Tensor
     visits: torch.Tensor
     batches: dict[str, int] = field(default_factory=dict)
+    layer_names: list[str] = field(default_factory=list)
+    layer_abs: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        expected = (len(self.layer_names), self.num_queries)
+        if self.layer_abs is not None and tuple(self.layer_abs.shape) != expected:
+            raise ValueError(f"layer_abs has shape {tuple(self.layer_abs.shape)}, expected [layers, queries] = "
+                             f"{list(expected)}")
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
@@ -78,19 +90,32 @@ class StreamedScores:
         return out
 
     def to(self, device: Union[str, torch.device]) -> "StreamedScores":
-        return StreamedScores(self.indices.to(device), self.scores.to(device), self.visits.to(device), dict(self.batches))
+        layer_abs = None if self.layer_abs is None else self.layer_abs.to(device)
+        return StreamedScores(self.indices.to(device), self.scores.to(device), self.visits.to(device),
+                              dict(self.batches), list(self.layer_names), layer_abs)
 
     @staticmethod
-    def empty(num_queries: int, device: Union[str, torch.device] = "cpu") -> "StreamedScores":
+    def empty(num_queries: int, device: Union[str, torch.device] = "cpu",
+              layer_names: Sequence[str] = ()) -> "StreamedScores":
         return StreamedScores(torch.zeros(0, dtype=torch.long, device=device),
                               torch.zeros(num_queries, 0, dtype=torch.float64, device=device),
-                              torch.zeros(0, dtype=torch.long, device=device))
+                              torch.zeros(0, dtype=torch.long, device=device), layer_names=list(layer_names))
 
     @staticmethod
     def merge(parts: Sequence["StreamedScores"]) -> "StreamedScores":
-        """One result from several (processes, intervals): scores and visits of equal indices add."""
+        """One result from several (processes, intervals): scores and visits of equal indices add,
+        and so do the per-layer sums (the parts naming layers must name the same ones)."""
         if not parts:
             raise ValueError("StreamedScores.merge needs at least one part")
+        named = [p.layer_names for p in parts if p.layer_names]
+        if any(names != named[0] for names in named):
+            raise ValueError(f"StreamedScores.merge needs the same layers in every part, got {named}")
+        sums = [p.layer_abs for p in parts if p.layer_abs is not None]
+        layer_abs = None
+        if sums:
+            layer_abs = sums[0].clone()
+            for extra in sums[1:]:
+                layer_abs += extra.to(layer_abs.device)
         batches: dict[str, int] = {}
         for part in parts:
             for name, count in part.batches.items():
@@ -99,26 +124,34 @@ class StreamedScores:
         scores = torch.cat([p.scores for p in parts], dim=1)
         visits = torch.cat([p.visits for p in parts])
         merged = _combine(indices, scores, visits)
-        return StreamedScores(*merged, batches)
+        return StreamedScores(*merged, batches, list(named[0]) if named else [], layer_abs)
 
     def gather(self) -> "StreamedScores":
         """The merge of every process's scores; a collective (call it on every rank).
 
         Each process scores the examples of its own micro-batches; this pads the per-process
-        results to a common length and exchanges them with ``all_gather``. Alone, returns itself.
+        results to a common length and exchanges them with ``all_gather``; the per-layer sums
+        ``[L, Q]`` travel as ``L`` extra columns of the scores (every rank tracks the same layers:
+        the same collectives, in the same order, on every rank). Alone, returns itself.
         """
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return self
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
         world = dist.get_world_size()
-        counts = torch.tensor([len(self)] + [self.batches.get(p, 0) for p in PRECONDITIONINGS], device=device)
+        layers, q = len(self.layer_names), self.num_queries
+        counts = torch.tensor([len(self)] + [self.batches.get(p, 0) for p in PRECONDITIONINGS]
+                              + [layers, int(self.layer_abs is not None)], device=device)
         all_counts = [torch.zeros_like(counts) for _ in range(world)]
         dist.all_gather(all_counts, counts)
+        if any(int(c[-2]) != layers for c in all_counts):  # every rank sees every count: all raise alike
+            raise ValueError(f"StreamedScores.gather: the processes track different numbers of layers "
+                             f"{[int(c[-2]) for c in all_counts]}")
         longest = max(int(c[0]) for c in all_counts)
         pad = longest - len(self)
-        q = self.num_queries
+        layer_abs = self.layer_abs if self.layer_abs is not None else torch.zeros(layers, q, dtype=torch.float64)
         indices = torch.cat([self.indices.to(device), torch.zeros(pad, dtype=torch.long, device=device)])
-        scores = torch.cat([self.scores.to(device), torch.zeros(q, pad, dtype=torch.float64, device=device)], dim=1)
+        scores = torch.cat([self.scores.to(device), torch.zeros(q, pad, dtype=torch.float64, device=device),
+                            layer_abs.to(device, torch.float64).T], dim=1)
         visits = torch.cat([self.visits.to(device), torch.zeros(pad, dtype=torch.long, device=device)])
         parts = []
         for tensor in (indices, scores, visits):
@@ -128,8 +161,10 @@ class StreamedScores:
         results = []
         for rank in range(world):
             m = int(all_counts[rank][0])
-            batches = {p: int(c) for p, c in zip(PRECONDITIONINGS, all_counts[rank][1:].tolist()) if c}
-            results.append(StreamedScores(parts[0][rank][:m], parts[1][rank][:, :m], parts[2][rank][:m], batches))
+            batches = {p: int(c) for p, c in zip(PRECONDITIONINGS, all_counts[rank][1:-2].tolist()) if c}
+            rank_abs = parts[1][rank][:, longest:].T if int(all_counts[rank][-1]) else None
+            results.append(StreamedScores(parts[0][rank][:m], parts[1][rank][:, :m], parts[2][rank][:m], batches,
+                                          list(self.layer_names), rank_abs))
         return StreamedScores.merge(results).to(self.scores.device)
 
 
@@ -158,6 +193,8 @@ class StreamingScorer:
         self._layer_queries: dict[str, QueryLayer] = {}
         self._rebuilt_bytes = 0
         self._pending: Optional[torch.Tensor] = None  # [Q, B] float64, this micro-batch, unscaled
+        self._pending_layers: dict[str, torch.Tensor] = {}  # layer → [Q, B], the same per layer
+        self._layer_abs: Optional[torch.Tensor] = None  # [L, Q] float64: Σ |per-layer score| committed
         self._chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._columns = 0
         self._total: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
@@ -180,7 +217,7 @@ class StreamingScorer:
                                  f"are {len(queries)}: call reset() first")
         self.queries, self.preconditioning = queries, preconditioning
         self._layer_queries, self.routes, self._rebuilt_bytes = {}, {}, 0
-        self._pending = None
+        self._pending, self._pending_layers = None, {}
 
     def _query(self, name: str, batch: int, tokens: int) -> QueryLayer:
         """The layer's query in the representation chosen by cost on its first capture."""
@@ -203,19 +240,22 @@ class StreamingScorer:
 
     # ----------------------------------------------------------------------------- sink
     def __call__(self, capture: Capture) -> None:
-        """Add one layer call's scores ``[Q, B]`` to the micro-batch's pending sums (calls of a
-        module used twice add up: scores are linear in ``DW_n``)."""
+        """Add one layer call's scores ``[Q, B]`` to the micro-batch's pending sums, in total and
+        per layer (calls of a module used twice add up: scores are linear in ``DW_n``)."""
         if self.queries is None:
             return
+        name = capture.layer.name
         a, g = capture.a.to(self.dtype), capture.g.to(self.dtype)
-        value = contract(self._query(capture.layer.name, a.shape[0], a.shape[1]), a, g).to(torch.float64)
+        value = contract(self._query(name, a.shape[0], a.shape[1]), a, g).to(torch.float64)
         if self._pending is None:
             self._pending = value
         elif self._pending.shape != value.shape:
-            raise RuntimeError(f"Layer {capture.layer.name!r} saw a batch of {value.shape[1]} examples, other layers "
+            raise RuntimeError(f"Layer {name!r} saw a batch of {value.shape[1]} examples, other layers "
                                f"{self._pending.shape[1]}: per-example scores need the batch in dimension 0")
         else:
-            self._pending += value
+            self._pending = self._pending + value
+        previous = self._pending_layers.get(name)
+        self._pending_layers[name] = value if previous is None else previous + value
 
     # ----------------------------------------------------------------------------- commit
     def commit(self, indices: Union[torch.Tensor, Sequence[int]], grad_scale: Scalar = 1.0, weight: Scalar = 1.0) -> bool:
@@ -223,11 +263,12 @@ class StreamingScorer:
 
         ``grad_scale`` is the training loss over the sum of per-example losses (scores are linear
         in the gradients: dividing once undoes the mean, the accumulation and the AMP scale).
-        Examples whose scores are not finite are dropped (counted, no device sync here). Returns
-        ``False`` when nothing was captured or the scale is unusable (counted in
-        `skipped_batches`).
+        Examples whose scores are not finite are dropped (counted, no device sync here). The
+        kept examples' per-layer ``|score|`` add to the per-layer sums. Returns ``False`` when
+        nothing was captured or the scale is unusable (counted in `skipped_batches`).
         """
         pending, self._pending = self._pending, None
+        pending_layers, self._pending_layers = self._pending_layers, {}
         if pending is None:
             return False
         batch = pending.shape[1]
@@ -239,7 +280,9 @@ class StreamingScorer:
             return False
         scores = pending * (weight / grad_scale)
         finite = torch.isfinite(scores).all(0)
-        scores = torch.where(finite, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
+        zero = torch.zeros((), dtype=scores.dtype, device=scores.device)
+        scores = torch.where(finite, scores, zero)
+        self._add_layer_abs(pending_layers, weight / grad_scale, finite, zero)
         dropped = (~finite).sum()
         self._dropped = dropped if self._dropped is None else self._dropped + dropped
         self._chunks.append((indices, scores, finite.long()))
@@ -249,9 +292,24 @@ class StreamingScorer:
             self._consolidate()
         return True
 
+    def _add_layer_abs(self, pending_layers: dict[str, torch.Tensor], factor: Scalar, finite: torch.Tensor,
+                       zero: torch.Tensor) -> None:
+        """Add Σ over the ``finite [B]`` examples of ``|score × factor|`` per layer to ``[L, Q]``
+        (a layer not called this micro-batch adds 0)."""
+        sums = []
+        for name in self.layers:
+            value = pending_layers.get(name)
+            if value is None:
+                sums.append(zero.new_zeros(len(self.queries)))
+                continue
+            value = torch.where(finite, (value * factor).abs(), zero)
+            sums.append(value.nan_to_num(0.0, posinf=0.0, neginf=0.0).sum(1))
+        layer_abs = torch.stack(sums)
+        self._layer_abs = layer_abs if self._layer_abs is None else self._layer_abs + layer_abs
+
     def discard(self) -> None:
         """Drop the pending micro-batch (a step not meant for streaming, or a failed capture)."""
-        self._pending = None
+        self._pending, self._pending_layers = None, {}
 
     # ----------------------------------------------------------------------------- results
     @property
@@ -264,14 +322,15 @@ class StreamingScorer:
         self._consolidate()
         if self._total is None:
             device = "cpu" if self.queries is None else self.queries.measurements.device
-            empty = StreamedScores.empty(0 if self.queries is None else len(self.queries), device)
+            empty = StreamedScores.empty(0 if self.queries is None else len(self.queries), device, list(self.layers))
             empty.batches = dict(self._batches)
             return empty
-        return StreamedScores(*self._total, dict(self._batches))
+        return StreamedScores(*self._total, dict(self._batches), list(self.layers), self._layer_abs)
 
     def reset(self) -> None:
         """Forget every score (queries and routes are kept)."""
         self._pending, self._chunks, self._columns, self._total = None, [], 0, None
+        self._pending_layers, self._layer_abs = {}, None
         self._batches, self._dropped = {}, None
 
     def _consolidate(self) -> None:
@@ -287,11 +346,19 @@ class StreamingScorer:
         """This process's sums (CPU tensors) and counters."""
         result = self.result()
         return {"indices": result.indices.cpu(), "scores": result.scores.cpu(), "visits": result.visits.cpu(),
-                "batches": dict(result.batches), "skipped_batches": self.skipped_batches}
+                "batches": dict(result.batches), "skipped_batches": self.skipped_batches,
+                "layer_names": list(result.layer_names),
+                "layer_abs": None if result.layer_abs is None else result.layer_abs.cpu()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict`'s sums (states saved before the per-layer sums load without them)."""
         self.reset()
         device = "cpu" if self.queries is None else self.queries.measurements.device
+        if state.get("layer_abs") is not None:
+            if list(state["layer_names"]) != list(self.layers):
+                raise ValueError(f"Streamed per-layer sums were saved for layers {state['layer_names']}, "
+                                 f"this scorer tracks {list(self.layers)}")
+            self._layer_abs = state["layer_abs"].to(device, torch.float64)
         if state["indices"].numel():
             self._total = (state["indices"].to(device), state["scores"].to(device), state["visits"].to(device))
         self._batches = dict(state["batches"])

@@ -234,6 +234,28 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
     _assert_same_operator(full.session.last_factors, resumed.session.last_factors, rtol=0.0)
 
 
+def test_resumed_run_continues_the_influence_over_training_series(tmp_path):
+    """The reporter's history (each tracked example's series, the previous top-k sets) is saved in
+    the checkpoint: resuming after epoch 1 gives the same history as one uninterrupted run."""
+    steps = N_TRAIN // BATCH
+
+    def run(epochs, root, ckpt_path=None):
+        pl.seed_everything(0)
+        callback = _callback(every_n_steps=steps, attribute_at_train_end=False)
+        trainer = _trainer(root, [callback, ModelCheckpoint(dirpath=str(root / "ckpt"), save_last=True)],
+                           epochs=epochs, enable_checkpointing=True, logger=TensorBoardLogger(str(root), name="tb"))
+        trainer.fit(Net(), ckpt_path=ckpt_path)
+        return callback.session.reporter.state_dict()
+
+    full = run(2, tmp_path / "a")
+    first = run(1, tmp_path / "b")
+    resumed = run(2, tmp_path / "c", ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    series = full["history"]["tracked"]["query_000"]
+    assert series and all(e["steps"] == [steps, 2 * steps] for e in series if e["index"] in
+                          {f["index"] for f in first["history"]["tracked"]["query_000"]})
+    assert resumed == full and first != full
+
+
 def test_attribution_on_checkpoint_save_during_validation(tmp_path):
     """ModelCheckpoint(monitor=...) saves from on_validation_end, inside torch.inference_mode; the
     saved callback state is the one after that attribution (refreshed eigenbasis)."""
