@@ -3,9 +3,10 @@
 The queries are differentiated and preconditioned once; then either the candidate loader is
 scored in a fixed order (all scores ``[Q, N]``, each layer's Σ|score| for the layer shares,
 optionally every candidate's self-influence) or the scores streamed from the training backward
-are taken as they are. The result also carries the views a reporter shows: top-k per query, tail
-exponents and, for token inputs (`add_token_views`), the per-token and per-layer scores of each
-query's top sequences, so that reporters only render what they are given.
+are taken as they are (with their per-layer Σ|score| for the layer shares). The result also
+carries the views a reporter shows: top-k per query, tail exponents and, for token inputs
+(`add_token_views`), the per-token and per-layer scores of each query's top sequences, so that
+reporters only render what they are given.
 
 The caller runs a job inside `SideTaskPolicy.isolated` (training hooks paused, forked RNG,
 gradients enabled); the job itself never touches a parameter's ``.grad``.

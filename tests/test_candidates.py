@@ -220,6 +220,13 @@ def test_lightning_stream_scores_the_examples_since_the_previous_attribution_wit
                 for i in indices.tolist()}
         assert sorted(seen) == result["candidate_indices"].tolist()
         assert result["self_scores"] is None and result["extra"]["candidates_requested"] == "stream"
+        # the per-layer view, from the streamed per-layer Σ|score|: the tracked layers, shares summing to 1
+        names = read_artifacts(tmp_path.parent / "all", as_dataframe=False)[0]["layer_names"]
+        assert names and result["layer_names"] == names
+        shares = torch.as_tensor(result["layer_shares"])
+        assert shares.shape == (result["scores"].shape[0], len(names)) and (shares >= 0).all()
+        torch.testing.assert_close(shares.sum(1).double(), torch.ones(shares.shape[0], dtype=torch.float64),
+                                   rtol=0, atol=1e-5)
 
 
 def test_lightning_all_random_and_tfidf_modes(tmp_path):

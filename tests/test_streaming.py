@@ -6,12 +6,14 @@ scale, gradient checkpointing, a module called twice per forward, full-rank and 
 and DDP (2 processes, gloo); and against explicit per-example parameter gradients (ground truth
 that avoids the hooks). Everything is float64: both sides sum the same products in another order,
 so they agree to ~1e-13 relative; the tolerance 1e-9 leaves room and still catches any missing
-scale (the smallest factor in play is 2).
+scale (the smallest factor in play is 2). The per-layer sums Σ|score| (the layer shares' input)
+are held to the same tolerance.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 import pytest
@@ -23,6 +25,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import infl_plugin as ip
+from infl_plugin.attributor import QueryLayer, contract
+from infl_plugin.hooks import Capture
+from infl_plugin.layers import TrackedLayer
 from infl_plugin.tasks import IGNORE_INDEX
 
 from models import loader
@@ -112,7 +117,9 @@ def test_streamed_scores_equal_pairwise_scores_at_one_step(route):
             tracker.scorer.rebuild_budget_bytes = 0
         pq = tracker.scorer.queries
         with tracker.paused():
-            expected = ip.Attributor(model, task, factors, config).pairwise_scores(pq, micro)
+            attributor = ip.Attributor(model, task, factors, config)
+            per_layer = attributor.pairwise_scores(pq, micro, per_layer=True)  # [L, Q, 8]
+        expected = per_layer.sum(0)
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         for i, batch in enumerate(micro):
@@ -129,6 +136,57 @@ def test_streamed_scores_equal_pairwise_scores_at_one_step(route):
     torch.testing.assert_close(result.scores, expected, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(result.dense(10)[:, :8], expected, rtol=RTOL, atol=ATOL)
     assert not result.dense(10)[:, 8:].any()
+    # per layer Σ_n |score|, the shared module's two calls summed before |.|, as the checkpoint pass
+    assert result.layer_names == attributor.layer_names == ["up", "down", "shared", "head"]
+    assert result.layer_abs.dtype == torch.float64
+    torch.testing.assert_close(result.layer_abs, per_layer.abs().sum(-1), rtol=RTOL, atol=ATOL)
+
+
+def test_per_layer_sums_add_a_module_s_calls_before_the_absolute_value():
+    """Two calls of one layer whose scores cancel add 0 to its Σ|score| (scores are linear in
+    ``DW_n``: the example's gradient sums both calls); the weight / loss scale multiplies it and an
+    example with a non-finite score is left out of it as of the scores."""
+    layer = TrackedLayer("lin", nn.Linear(2, 2, bias=False), "linear", tracks_bias=False)
+    other = TrackedLayer("other", nn.Linear(2, 2, bias=False), "linear", tracks_bias=False)
+    full = torch.arange(8, dtype=torch.float64).reshape(2, 2, 2) - 3  # [Q=2, d_out, d_in]
+    pq = ip.PreconditionedQueries({"lin": QueryLayer(full=full), "other": QueryLayer(full=full)},
+                                  torch.zeros(2, dtype=torch.float64))
+    scorer = ip.StreamingScorer([layer, other], torch.float64)
+    scorer.set_queries(pq)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 1, 2, generator=g, dtype=torch.float64)  # [B, T, d_in]
+    grad = torch.randn(3, 1, 2, generator=g, dtype=torch.float64)  # [B, T, d_out]
+    scorer(Capture(layer, a, grad, None))
+    scorer(Capture(layer, -a, grad, None))  # the second call cancels the first
+    scorer(Capture(other, a, grad, None))
+    assert scorer.commit([0, 1, 2], grad_scale=-4.0, weight=2.0)
+    value = contract(QueryLayer(full=full), a, grad)  # [Q, 3]
+    result = scorer.result()
+    assert result.layer_names == ["lin", "other"]
+    torch.testing.assert_close(result.layer_abs, torch.stack([torch.zeros(2, dtype=torch.float64),
+                                                              value.abs().sum(1) / 2]))
+    torch.testing.assert_close(result.scores, -value / 2)
+    bad = grad.clone()
+    bad[1] = float("nan")
+    scorer(Capture(other, a, bad, None))
+    scorer.commit([3, 4, 5])
+    result = scorer.result()
+    assert result.indices.tolist() == [0, 1, 2, 3, 5]
+    expected = value.abs().sum(1) / 2 + value[:, [0, 2]].abs().sum(1)
+    torch.testing.assert_close(result.layer_abs[1], expected)
+    assert not result.layer_abs[0].any()
+    state = scorer.state_dict()
+    restored = ip.StreamingScorer([layer, other], torch.float64)
+    restored.load_state_dict(state)
+    torch.testing.assert_close(restored.result().layer_abs, result.layer_abs)
+    old = {k: v for k, v in state.items() if k not in ("layer_names", "layer_abs")}  # saved before per-layer sums
+    restored.load_state_dict(old)
+    assert restored.result().layer_abs is None and restored.result().layer_names == ["lin", "other"]
+    torch.testing.assert_close(restored.result().scores, result.scores)
+    with pytest.raises(ValueError, match="saved for layers"):
+        ip.StreamingScorer([other, layer], torch.float64).load_state_dict(state)
+    scorer.reset()
+    assert scorer.result().layer_abs is None
 
 
 def test_streamed_gradient_dot_products_equal_explicit_per_example_gradients():
@@ -334,9 +392,36 @@ def test_merge_and_dense():
     assert m.dense(6).tolist() == [[3.0, 1.0, 0.0, 0.0, 7.0, 0.0]] and m.dense_visits(6).tolist() == [1, 1, 0, 0, 3, 0]
     with pytest.raises(ValueError, match="beyond"):
         m.dense(4)
+    assert m.layer_names == [] and m.layer_abs is None
+
+
+def test_merge_adds_the_per_layer_sums():
+    names = ["a", "b", "c"]
+    a = ip.StreamedScores(torch.tensor([1]), torch.tensor([[1.0], [2.0]], dtype=torch.float64), torch.tensor([1]),
+                          {"ekfac": 1}, names, torch.arange(6, dtype=torch.float64).reshape(3, 2))
+    b = ip.StreamedScores(torch.tensor([1]), torch.tensor([[3.0], [4.0]], dtype=torch.float64), torch.tensor([1]),
+                          {"ekfac": 1}, names, torch.ones(3, 2, dtype=torch.float64))
+    nothing = ip.StreamedScores.empty(2, layer_names=names)
+    m = ip.StreamedScores.merge([a, nothing, b])
+    assert m.layer_names == names and m.scores.tolist() == [[4.0], [6.0]]
+    assert m.layer_abs.tolist() == [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
+    assert a.layer_abs.tolist() == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]  # the parts are left as they were
+    assert ip.StreamedScores.merge([nothing, nothing]).layer_abs is None
+    assert m.to("cpu").layer_abs.tolist() == m.layer_abs.tolist()
+    with pytest.raises(ValueError, match="same layers"):
+        ip.StreamedScores.merge([a, ip.StreamedScores.empty(2, layer_names=["a", "c", "b"])])
+    with pytest.raises(ValueError, match="layer_abs has shape"):
+        ip.StreamedScores(a.indices, a.scores, a.visits, {}, ["a"], a.layer_abs)
 
 
 # ----------------------------------------------------------------------------- DDP
+def _free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it), for the workers' rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -379,7 +464,7 @@ def test_ddp_gathered_scores_equal_single_process(tmp_path):
     like the full-batch mean). A hang fails after 120 s."""
     single = _stream_three_steps(0, 1)
     out = str(tmp_path / "ddp.pt")
-    port = 29500 + os.getpid() % 1000
+    port = _free_port()
     context = mp.start_processes(_ddp_worker, args=(2, port, out), nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + 120
     try:
@@ -396,6 +481,8 @@ def test_ddp_gathered_scores_equal_single_process(tmp_path):
     assert gathered.indices.tolist() == single.indices.tolist() == list(range(24))
     assert torch.equal(gathered.visits, single.visits)
     torch.testing.assert_close(gathered.scores, single.scores, rtol=1e-9, atol=1e-12)
+    assert gathered.layer_names == single.layer_names == ["0", "3"]
+    torch.testing.assert_close(gathered.layer_abs, single.layer_abs, rtol=1e-9, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- with a session
