@@ -296,15 +296,10 @@ class StreamingScorer:
                        zero: torch.Tensor) -> None:
         """Add Σ over the ``finite [B]`` examples of ``|score × factor|`` per layer to ``[L, Q]``
         (a layer not called this micro-batch adds 0)."""
-        sums = []
-        for name in self.layers:
-            value = pending_layers.get(name)
-            if value is None:
-                sums.append(zero.new_zeros(len(self.queries)))
-                continue
-            value = torch.where(finite, (value * factor).abs(), zero)
-            sums.append(value.nan_to_num(0.0, posinf=0.0, neginf=0.0).sum(1))
-        layer_abs = torch.stack(sums)
+        absent = zero.new_zeros(len(self.queries), finite.shape[0])  # a layer not called this micro-batch
+        values = [pending_layers.get(name, absent) for name in self.layers]
+        stacked = torch.where(finite, (torch.stack(values) * factor).abs(), zero)  # [L, Q, B]
+        layer_abs = stacked.nan_to_num(0.0, posinf=0.0, neginf=0.0).sum(-1)
         self._layer_abs = layer_abs if self._layer_abs is None else self._layer_abs + layer_abs
 
     def discard(self) -> None:
