@@ -16,14 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 import infl_plugin as ip
-from models import feature_data
+from models import byte_tokenizer, feature_data
 from infl_plugin.artifacts import read_artifacts
 from infl_plugin.candidates import TfidfIndex, select_candidates
 from infl_plugin.indices import BatchIndexRecorder
@@ -300,17 +299,7 @@ WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo li
          "romeo sierra tango uniform victor whiskey xray yankee zulu").split()
 
 
-def _tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level tokenizer without merges (256 bytes + ``<pad>``); decoding gives the text back."""
-    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<pad>"] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>")
-
-
-TOKENIZER = _tokenizer()
+TOKENIZER = byte_tokenizer()
 PAD = TOKENIZER.pad_token_id
 
 

@@ -20,9 +20,8 @@ import warnings
 import pytest
 import torch
 from pydoc_data.topics import topics
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments)
+                          LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments)
 from transformers.utils import logging as hf_logging
 
 import infl_plugin as ip
@@ -35,6 +34,7 @@ from infl_plugin.integrations.huggingface import (MAX_PENDING, InfluenceTrainerC
 from infl_plugin.passes import isolated
 from infl_plugin.data import make_loader
 from infl_plugin.token_report import token_views
+from models import byte_tokenizer
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
@@ -46,17 +46,6 @@ RTOL = 1e-4
 
 
 # --------------------------------------------------------------------------------- data and models
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level tokenizer without merges: 256 byte symbols + ``<pad>`` (id 256); nothing downloaded."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {symbol: i for i, symbol in enumerate(alphabet)}
-    vocab["<pad>"] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>")
-
-
 TOKENIZER = byte_tokenizer()
 VOCAB = len(TOKENIZER)
 PAD = TOKENIZER.pad_token_id
