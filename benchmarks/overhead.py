@@ -170,8 +170,8 @@ def lightning_rows(steps: int, repeats: int) -> list[list]:
         callbacks = []
         if with_callback:
             callbacks = [InfluenceCallback(ip.InfluenceConfig(modules=modules), task="causal_lm", queries=sequences,
-                                           num_queries=2, every_n_steps=None, attribute_on_save=False, attribute_at_train_end=False,
-                                           candidates="all")]  # statistics only: streaming is benchmarks/streaming.py
+                                           num_queries=2, every_n_steps=None, attribute_on_save=False,
+                                           attribute_at_train_end=False, candidates="all")]  # statistics only: streaming is benchmarks/streaming.py
         trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, callbacks=callbacks, accelerator="cpu", devices=1)
         trainer.fit(Module(), loader)
