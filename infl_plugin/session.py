@@ -192,7 +192,7 @@ class InfluenceSession:
 
     @property
     def attached(self) -> bool:
-        return self.tracker.hooks.attached
+        return self.tracker.attached
 
     # ----------------------------------------------------------------------------- training events
     def before_forward(self, batch: Any) -> None:

@@ -24,9 +24,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .artifacts import AttributionResult
-from .reporting import ExampleSource, TensorBoardReporter, TextRenderer, escape_markdown
-from .token_views import (TokenViews, _format_score, _visible, decode_tokens, mark_tokens_markdown,
-                          result_token_views, token_views, top_token_positions)
+from .reporting import ExampleSource, TensorBoardReporter, TextRenderer
+from .token_views import TokenViews, format_score, visible_token
 
 
 # ------------------------------------------------------------------------------------ layers
@@ -116,7 +115,7 @@ def layer_heatmap_figure(
 def clip_token(token: str, max_chars: int) -> str:
     """A token for a heatmap cell: visible glyphs without surrounding spaces (``␣`` for a space),
     cut to ``max_chars`` with an ellipsis when longer."""
-    visible = _visible(token).strip(" ") or "␣"
+    visible = visible_token(token).strip(" ") or "␣"
     return visible if len(visible) <= max_chars else visible[: max_chars - 1] + "…"
 
 
@@ -182,7 +181,7 @@ def token_heatmap_figure(
 
 def token_figure(views: TokenViews, title: str = ""):
     """`token_heatmap_figure` of ``views``' sequences (real tokens only), labelled by rank, index and score."""
-    labels = [f"#{r}  train {i}  score {_format_score(s)}"
+    labels = [f"#{r}  train {i}  score {format_score(s)}"
               for r, (i, s) in enumerate(zip(views.indices, views.scores), 1)]
     rows = [[t for t, m in zip(tokens, mask.tolist()) if m] for tokens, mask in zip(views.tokens, views.masks)]
     values = [views.per_token(i)[views.masks[i].bool()] for i in range(len(views.indices))]
@@ -191,7 +190,7 @@ def token_figure(views: TokenViews, title: str = ""):
 
 def layer_figure(views: TokenViews, title: str = ""):
     """`layer_heatmap_figure` of ``views``' sequences (columns labelled by index and score)."""
-    labels = [f"{i} ({_format_score(s)})" for i, s in zip(views.indices, views.scores)]
+    labels = [f"{i} ({format_score(s)})" for i, s in zip(views.indices, views.scores)]
     return layer_heatmap_figure(views.per_layer(), views.layer_names, labels, title=title)
 
 
@@ -246,19 +245,12 @@ class TokenReporter(TensorBoardReporter):
 
 __all__ = [
     "TokenReporter",
-    "TokenViews",
-    "decode_tokens",
-    "escape_markdown",
     "group_layers",
     "layer_figure",
     "layer_groups",
     "layer_heatmap_figure",
-    "mark_tokens_markdown",
-    "result_token_views",
     "token_figure",
     "token_heatmap_figure",
-    "token_views",
-    "top_token_positions",
     "clip_token",
     "strip_common_prefix",
 ]

@@ -51,18 +51,18 @@ def decode_tokens(tokenizer: Any, input_ids: Sequence[int]) -> list[str]:
     return out
 
 
-def _visible(piece: str) -> str:
+def visible_token(piece: str) -> str:
     """Newlines and tabs as visible glyphs, other control characters dropped."""
     piece = piece.replace("\r\n", "\n").replace("\n", "↵").replace("\t", "⇥")
     return "".join(ch for ch in piece if ch.isprintable() or ch == " ")
 
 
-def _format_score(value: float) -> str:
+def format_score(value: float) -> str:
     return f"{value:+.3g}"
 
 
 def _marked(piece: str, rank: int, positive: bool) -> str:
-    visible = _visible(piece)
+    visible = visible_token(piece)
     core = visible.strip(" ")
     lead = visible[: len(visible) - len(visible.lstrip(" "))]
     trail = visible[len(visible.rstrip(" ")):]
@@ -109,7 +109,7 @@ def mark_tokens_markdown(
     for t, piece in enumerate(tokens):
         if not keep[t]:
             continue
-        pieces.append(_marked(piece, rank_of[t], scores[t] > 0) if t in rank_of else escape_markdown(_visible(piece)))
+        pieces.append(_marked(piece, rank_of[t], scores[t] > 0) if t in rank_of else escape_markdown(visible_token(piece)))
     total = float(scores[keep].sum())
     lines = []
     if heading:
@@ -119,8 +119,8 @@ def mark_tokens_markdown(
         lines += ["| rank | token | position | score | share of sequence score |", "|---|---|---|---|---|"]
         for r, p in enumerate(positions, 1):
             share = float(scores[p]) / total if total != 0 else float("nan")
-            token = escape_markdown(_visible(tokens[p]).replace(" ", "␣")) or "␣"
-            score = _format_score(float(scores[p]))
+            token = escape_markdown(visible_token(tokens[p]).replace(" ", "␣")) or "␣"
+            score = format_score(float(scores[p]))
             lines.append(f"| {r} | {token} | {p} | {score} | {share:.1%} |")
     return "\n".join(lines)
 
@@ -216,9 +216,9 @@ def token_views(
     blocks = []
     rows = zip(labels, indices, totals, tokens, masks, token_scores, sequence_scores)
     for label, i, total, toks, mask, ts, ss in rows:
-        heading = f"**{label}** training example {i}, score {_format_score(total)}"
+        heading = f"**{label}** training example {i}, score {format_score(total)}"
         if float(ss.abs().sum()) > 0:
-            heading += (f" ({_format_score(float(ss.sum()))} of it from layers that see the whole sequence at once, "
+            heading += (f" ({format_score(float(ss.sum()))} of it from layers that see the whole sequence at once, "
                         "e.g. a classification head, not split over tokens)")
         blocks += [mark_tokens_markdown(toks, ts.sum(0), top=top_tokens, mask=mask, heading=heading), ""]
     return TokenViews(indices, totals, tokens, masks, token_scores, sequence_scores, names, "\n".join(blocks),
@@ -290,8 +290,10 @@ def result_token_views(
 __all__ = [
     "TokenViews",
     "decode_tokens",
+    "format_score",
     "mark_tokens_markdown",
     "result_token_views",
     "token_views",
     "top_token_positions",
+    "visible_token",
 ]

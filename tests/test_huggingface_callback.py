@@ -33,7 +33,7 @@ from infl_plugin.integrations.huggingface import (MAX_PENDING, InfluenceTrainerC
                                                  tensorboard_logdir)
 from infl_plugin.passes import isolated
 from infl_plugin.data import make_loader
-from infl_plugin.token_report import token_views
+from infl_plugin.token_views import token_views
 from models import byte_tokenizer
 
 hf_logging.set_verbosity_error()

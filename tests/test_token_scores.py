@@ -16,7 +16,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import infl_plugin as ip
 from infl_plugin.artifacts import AttributionResult
-from infl_plugin.token_report import (clip_token, escape_markdown, layer_figure, layer_groups, layer_heatmap_figure,
+from infl_plugin.reporting import escape_markdown
+from infl_plugin.token_report import (clip_token, layer_figure, layer_groups, layer_heatmap_figure,
                                       strip_common_prefix, token_figure, token_heatmap_figure)
 from infl_plugin.token_views import (TokenViews, decode_tokens, mark_tokens_markdown, result_token_views,
                                      token_views, top_token_positions)
