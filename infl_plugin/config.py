@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigurationError
 from .layers import SUPPORTED_TYPES
@@ -190,16 +192,19 @@ def resolve_config(owner: str, config: Any) -> InfluenceConfig:
     if isinstance(config, InfluenceConfig):
         return config
     if hasattr(config, "keys"):
-        try:
-            from omegaconf import DictConfig, OmegaConf
-
-            if isinstance(config, DictConfig):
-                config = OmegaConf.to_container(config, resolve=True)
-        except ImportError:  # pragma: no cover - omegaconf is a dependency
-            pass
-        return InfluenceConfig.from_dict(dict(config))
+        return InfluenceConfig.from_dict(plain_fields(config))
     raise ConfigurationError(f"{owner}.config must be None, an InfluenceConfig or a mapping of its fields, got "
                              f"{type(config).__name__}")
+
+
+def plain_fields(values: Any) -> dict[str, Any]:
+    """The fields of a dataclass instance (not recursively), an OmegaConf DictConfig (resolved to
+    plain containers) or a mapping, as a ``dict``."""
+    if is_dataclass(values) and not isinstance(values, type):
+        return {f.name: getattr(values, f.name) for f in fields(values)}
+    if isinstance(values, DictConfig):
+        return dict(OmegaConf.to_container(values, resolve=True))
+    return dict(values)
 
 
 def reject_unknown_fields(cls: type, values: Any, owner: Optional[str] = None) -> None:
@@ -241,5 +246,5 @@ InfluenceConfig.__signature__ = inspect.Signature(  # the dataclass fields, not 
     list(inspect.signature(InfluenceConfig.__init__).parameters.values())[1:]
 )
 
-__all__ = ["InfluenceConfig", "STRATEGIES", "FISHERS", "ACCUMULATION_DTYPES", "STREAM_WEIGHTS", "reject_unknown_fields",
-           "resolve_config"]
+__all__ = ["InfluenceConfig", "STRATEGIES", "FISHERS", "ACCUMULATION_DTYPES", "STREAM_WEIGHTS", "plain_fields",
+           "reject_unknown_fields", "resolve_config"]

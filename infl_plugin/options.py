@@ -25,7 +25,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, List, Optional
 
 from .candidates import DEFAULT_CANDIDATES, check_candidates
-from .config import _KnownFields, reject_unknown_fields
+from .config import _KnownFields, plain_fields, reject_unknown_fields
 from .errors import ConfigurationError
 from .reporting import RENDERERS
 
@@ -100,8 +100,8 @@ class AttributionOptions(metaclass=_KnownFields):
         for name in ("attribute_on_evaluate", "attribute_at_train_end", "self_influence", "progress", "strict"):
             _flag(owner, name, getattr(self, name))
         check_candidates(self.candidates, self.num_candidates, owner, allow_dataset=True)
-        if isinstance(self.renderer, str) and self.renderer not in RENDERERS or not (
-                isinstance(self.renderer, str) or callable(self.renderer) or hasattr(self.renderer, "render")):
+        renderer = self.renderer
+        if not (renderer in RENDERERS if isinstance(renderer, str) else callable(renderer) or hasattr(renderer, "render")):
             raise ConfigurationError(f"{owner}.renderer must be one of {list(RENDERERS)} or a Renderer, "
                                      f"got {self.renderer!r}")
         if self.image_shape is not None:
@@ -147,7 +147,7 @@ def resolve_options(owner: str, options: Any = None, **overrides: Any) -> Attrib
         if isinstance(options, AttributionOptions):
             return replace(options, **overrides)
         if isinstance(options, Mapping) or hasattr(options, "keys"):
-            values = _plain(options)
+            values = plain_fields(options)
             reject_unknown_fields(AttributionOptions, values, owner=f"{owner}.options")
             return AttributionOptions(**{**values, **overrides})
         raise ConfigurationError(f"{owner}.options must be None, an AttributionOptions or a mapping of its fields, "
@@ -160,18 +160,6 @@ def _is_default(name: str, value: Any) -> bool:
     """Whether ``value`` is field ``name``'s default (plain values only: a dataset is never one)."""
     default = _DEFAULTS[name]
     return type(value) is type(default) and isinstance(value, (bool, int, str, type(None))) and value == default
-
-
-def _plain(options: Any) -> dict[str, Any]:
-    """A mapping, or an OmegaConf DictConfig resolved to plain containers."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(options, DictConfig):
-            return dict(OmegaConf.to_container(options, resolve=True))
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return dict(options)
 
 
 def _integer(owner: str, name: str, value: Any, minimum: int, optional: bool) -> None:

@@ -46,7 +46,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from infl_plugin.config import InfluenceConfig, reject_unknown_fields, resolve_config
+from infl_plugin.config import InfluenceConfig, plain_fields, reject_unknown_fields, resolve_config
 from infl_plugin.data import build_attribution_data
 from infl_plugin.errors import ConfigurationError
 from infl_plugin.indices import BatchIndexRecorder
@@ -131,14 +131,7 @@ class InfluenceCallback(Callback):
         Unknown fields raise `ConfigurationError` naming them; ``objects`` override fields or
         single options with objects (``queries=dataset``, ``task=MyTask()``, ``candidates=dataset``).
         """
-        try:
-            from omegaconf import DictConfig, OmegaConf
-
-            if isinstance(cfg, DictConfig):
-                cfg = OmegaConf.to_container(cfg, resolve=True)
-        except ImportError:  # pragma: no cover - omegaconf is a dependency
-            pass
-        values = {f.name: getattr(cfg, f.name) for f in fields(cfg)} if isinstance(cfg, InfluenceCallbackConfig) else dict(cfg)
+        values = plain_fields(cfg)
         reject_unknown_fields(InfluenceCallbackConfig, values, owner="InfluenceCallback")
         own = {k: v for k, v in objects.items() if k in _CONFIG_FIELDS}
         return cls(**{**values, **own}, **{k: v for k, v in objects.items() if k not in own})
