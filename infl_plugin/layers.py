@@ -200,17 +200,22 @@ def select_layers(
         chosen.append(TrackedLayer.of(name, module, kind))
     if skipped:
         warnings.warn("infl_plugin: not tracking requested modules " + ", ".join(skipped), stacklevel=2)
+    excluded: dict[str, str] = {}
     if patterns is None:
         excluded = vocabulary_layers(model, chosen)
         if excluded:
             chosen = [layer for layer in chosen if layer.name not in excluded]
-            _note_exclusion(model, excluded)
+            if chosen:
+                _note_exclusion(model, excluded)
     if not chosen:
         offered = [n for n, m in model.named_modules() if layer_kind(m) is not None][:20]
+        left_out = "; ".join(f"{name!r} ({why})" for name, why in excluded.items())
         raise ConfigurationError(
             f"No trainable layer matches InfluenceConfig.modules={list(patterns) if patterns else None} "
             f"and module_types={sorted(types) if types else None}. Supported types: {list(SUPPORTED_TYPES)}; "
             f"supported layers in this model: {offered}"
+            + (f"; left out as the unembedding: {left_out} (name them in InfluenceConfig.modules, for example "
+               "modules=['*'], to track them)" if excluded else "")
         )
     return chosen
 
@@ -222,10 +227,12 @@ def vocabulary_layers(model: nn.Module, layers: Sequence[TrackedLayer]) -> dict[
     """The unembedding among ``layers``: name → why it counts as one.
 
     A layer counts when it is the module ``model.get_output_embeddings()`` returns (Hugging Face
-    models), when its weight is an ``nn.Embedding``'s weight (tied), or when one of its weight's
-    dimensions is the vocabulary V (the largest ``nn.Embedding``'s ``num_embeddings``) and V is
-    more than `VOCABULARY_RATIO` times every dimension of the other layers (so a small model's
-    MLP whose width happens to equal V is not taken for a head).
+    models), when its weight is an ``nn.Embedding``'s weight (tied), or, for one layer at most,
+    by its shape: the last layer (network order) whose output dimension is the vocabulary V (the
+    largest ``nn.Embedding``'s ``num_embeddings``), provided other layers exist and V is more than
+    `VOCABULARY_RATIO` times each of their dimensions. So a byte-level model whose blocks are as
+    wide as its vocabulary (V = 256, width 256) keeps all of them, and a small model's MLP whose
+    width happens to equal V is not taken for a head.
     """
     embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
     getter = getattr(model, "get_output_embeddings", None)
@@ -245,11 +252,12 @@ def vocabulary_layers(model: nn.Module, layers: Sequence[TrackedLayer]) -> dict[
     if embeddings:
         vocabulary = max(e.num_embeddings for e in embeddings)
         dims = {layer.name: _weight_dims(layer) for layer in layers}
-        sized = [name for name, d in dims.items() if vocabulary in d]
-        others = [max(d) for name, d in dims.items() if name not in sized]
-        if sized and all(vocabulary > VOCABULARY_RATIO * d for d in others):
-            for name in sized:
-                reasons[name].append(f"vocabulary-sized ({vocabulary})")
+        sized = [name for name, d in dims.items() if d[0] == vocabulary]
+        if sized:
+            last = sized[-1]
+            others = [max(d) for name, d in dims.items() if name != last]
+            if others and all(vocabulary > VOCABULARY_RATIO * d for d in others):
+                reasons[last].append(f"vocabulary-sized ({vocabulary})")
     return {name: ", ".join(why) for name, why in reasons.items() if why}
 
 

@@ -321,6 +321,51 @@ def test_vocabulary_sized_head_of_a_plain_model_is_left_out_unless_the_mlp_is_as
         assert [layer.name for layer in ip.select_layers(PlainLM(48))] == ["up", "down", "head"]
 
 
+def test_a_byte_level_model_as_wide_as_its_vocabulary_keeps_every_block_layer():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=256, n_positions=16, n_embd=256, n_layer=2, n_head=4)
+    model = transformers.GPT2LMHeadModel(config)
+    with pytest.warns(UserWarning, match=r"leaves out the unembedding 'lm_head' \(the model's output embeddings, "
+                                         r"weight tied to an nn.Embedding\)"):
+        names = [layer.name for layer in ip.select_layers(model)]
+    assert len(names) == 8 and "lm_head" not in names  # 4 Conv1D per block, none taken for a head
+
+
+class HeadsOnly(nn.Module):
+    """Every layer as wide as the vocabulary: the shape rule has nothing to compare against."""
+
+    def __init__(self, vocab: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 8)
+        self.mid = nn.Linear(8, vocab)
+        self.head = nn.Linear(vocab, vocab)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mid(self.embed(input_ids)))
+
+
+def test_the_shape_rule_leaves_out_at_most_one_layer_and_never_the_whole_network():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # both layers are vocabulary-sized: neither is told apart as the head
+        assert [layer.name for layer in ip.select_layers(HeadsOnly())] == ["mid", "head"]
+    tied = HeadsOnly(8)  # head tied to the embedding, and the only other layer excluded by nothing
+    tied.mid = nn.Linear(8, 8)
+    tied.head = nn.Linear(8, 8, bias=False)
+    tied.head.weight = tied.embed.weight
+    with pytest.warns(UserWarning, match=r"'head' \(weight tied to an nn.Embedding\)"):
+        assert [layer.name for layer in ip.select_layers(tied)] == ["mid"]
+
+
+def test_an_empty_default_selection_names_what_was_left_out_and_why():
+    model = PlainLM(40)
+    model.head.weight = model.embed.weight
+    for layer in (model.up, model.down):
+        layer.requires_grad_(False)
+    with pytest.raises(ip.ConfigurationError, match=r"left out as the unembedding: 'head' \(weight tied to an "
+                                                    r"nn.Embedding\).*modules=\['\*'\]"):
+        ip.select_layers(model)
+
+
 @pytest.mark.parametrize("strategy,dtype", [("ekfac", "float32"), ("kfac", "float64"), ("diagonal", "float32")])
 def test_memory_estimate_counts_the_accumulators(strategy, dtype):
     model = llama()
