@@ -30,6 +30,7 @@ from .factors import Factors, LayerFactors
 from .hooks import Capture, LayerHooks
 from .layers import select_layers
 from .passes import backward_pass, isolated, model_device
+from .refine import query_refiner
 from .tasks import Task, move_to_device
 
 
@@ -72,11 +73,11 @@ Queries = Union[Iterable, PreconditionedQueries]
 class Attributor:
     """Scores training examples against queries with `Factors` fitted on the same layers."""
 
-    def __init__(self, model: nn.Module, task: Task, factors: Factors, config: Optional[InfluenceConfig] = None) -> None:
-        """``config`` defaults to the one the factors were fitted with (layers, dtype, query rank);
-        a ``config.strategy`` other than the factors' raises `ConfigurationError`."""
-        self.model = model
-        self.task = task
+    def __init__(self, model: nn.Module, task: Task, factors: Factors, config: Optional[InfluenceConfig] = None,
+                 curvature_data: Optional[Iterable] = None) -> None:
+        """``config`` defaults to the factors' own (layers, dtype, query rank; another strategy raises
+        `ConfigurationError`). ``curvature_data``: training batches for ``config.refine_steps``."""
+        self.model, self.task, self.curvature_data = model, task, curvature_data
         self.config = config or _config_of(factors)
         if self.config.strategy != factors.strategy:
             raise ConfigurationError(
@@ -94,24 +95,25 @@ class Attributor:
         return [layer.name for layer in self.layers]
 
     # ----------------------------------------------------------------------------- queries
-    def precondition(self, queries: Iterable) -> PreconditionedQueries:
-        """Differentiate each query's measurement and apply ``(G + λI)⁻¹`` (rank-r when configured)."""
+    def precondition(self, queries: Iterable, curvature_batches: Optional[Iterable] = None, collective: bool = False) -> PreconditionedQueries:
+        """Differentiate each query's measurement and apply ``(G + λI)⁻¹`` (rank-r when configured), refined on
+        ``curvature_batches`` (or ``curvature_data``) when ``config.refine_steps`` > 0 (`infl_plugin.refine`)."""
         device = model_device(self.model)
         factors = self._device_factors(device)
+        refine = query_refiner(self, curvature_batches, collective)  # None: plain preconditioning
         chunks: dict[str, list[QueryLayer]] = {name: [] for name in self.layer_names}
-        # a list of batches tells the query count up front: write into preallocated tensors instead of
-        # concatenating chunks (a concatenation briefly doubles the largest object of the attribution)
+        # a list of batches tells the query count: preallocate (concatenating briefly doubles the largest object)
         total = sum(self.task.batch_size(b) for b in queries) if isinstance(queries, (list, tuple)) else None
         filled: dict[str, QueryLayer] = {}
-        offset = 0
-        measurements = []
+        offset, measurements = 0, []
         with self.hooks, isolated(self.model):
             for batch in queries:
                 grads: dict[str, torch.Tensor] = {}
                 values = backward_pass(
                     self.model, self.task, self.hooks, move_to_device(batch, device),
-                    self._summed_gradients(grads, factors), measurement=True,
+                    self._summed_gradients(grads, factors if refine is None else None), measurement=True,
                 )
+                grads = grads if refine is None else refine(grads)
                 measurements.append(values.to(self.dtype))
                 count = values.shape[0]
                 for name in self.layer_names:
@@ -225,8 +227,7 @@ class Attributor:
         """
         require_fixed_order(train)
         pq = self._prepared(queries)
-        device = model_device(self.model)
-        offset = 0
+        device, offset = model_device(self.model), 0
         with self.hooks, isolated(self.model):
             for batch in train:
                 batch = move_to_device(batch, device)
@@ -393,7 +394,6 @@ def _cat_queries(parts: list[QueryLayer]) -> QueryLayer:
 
 def _merge_top(current, scores: torch.Tensor, index: torch.Tensor, k: int, largest: bool):
     if current is not None:
-        scores = torch.cat([current[0], scores], dim=1)
-        index = torch.cat([current[1], index], dim=1)
+        scores, index = torch.cat([current[0], scores], dim=1), torch.cat([current[1], index], dim=1)
     values, pos = scores.topk(min(k, scores.shape[1]), dim=1, largest=largest)
     return values, index.gather(1, pos)

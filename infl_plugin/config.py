@@ -55,7 +55,8 @@ class InfluenceConfig(metaclass=_KnownFields):
             Default selection (``modules=None``): every supported layer with a trainable
             parameter, except the unembedding (output head over the vocabulary: the layer a
             model reports as its output embeddings, a layer whose weight is tied to an
-            ``nn.Embedding``, or one with a vocabulary-sized dimension), which the paper leaves
+            ``nn.Embedding``, or the last layer with a vocabulary-sized output when the vocabulary is
+            over twice as wide as every other layer), which the paper leaves
             out and whose ``vocabulary²`` statistics alone take gigabytes; a warning names what
             was left out. Patterns in ``modules`` that match such a layer (``["*"]``,
             ``["lm_head"]``) track it. Only trainable parameters belong to a layer's gradient
@@ -96,7 +97,13 @@ class InfluenceConfig(metaclass=_KnownFields):
             per visit of an example). Must be 1 with ``fisher="empirical"``.
         half_life: optimizer steps after which a training step's curvature statistics weigh half
             as much (an exponential moving average, decayed at every statistics step); ``None``
-            weighs the whole run equally. Tie it to the attribution interval.
+            weighs the whole run equally (unless ``half_life_fraction`` is set). Tie it to the
+            attribution interval.
+        half_life_fraction: a half-life that grows with the run: at each statistics step the
+            sums decay with a half-life of this fraction of the optimizer steps so far, so a step
+            s weighs ``(s / t)^(ln 2 / fraction)`` at step t (0.25: the last half of the run holds
+            about 86 % of the weight, whatever the run's length). Ignored when ``half_life`` is
+            set; ``None`` (default): no such forgetting.
         statistics_fraction: fraction of each statistics step's examples (a random subset,
             rounded up) whose statistics are taken; with ``update_every=1`` a fraction ``1/k``
             spreads the cost of statistics on every k-th step over every step.
@@ -109,6 +116,13 @@ class InfluenceConfig(metaclass=_KnownFields):
             Eigenvalues from 4-15 statistics steps lost 0.02-0.03 LDS against post-hoc factors,
             the bounded pass about 0.01 (``benchmarks/fidelity.py --lds``). 1: always use the
             tracked eigenvalues.
+        refine_steps: preconditioned conjugate-gradient steps refining each query's
+            preconditioned gradient towards ``(G + Λ)⁻¹ ∇f(q)`` with G the exact Gauss-Newton
+            matrix of the tracked parameters (``Λ``: each layer's damping), EK-FAC as the
+            preconditioner (`infl_plugin.refine`). Each step costs one Gauss-Newton-vector product
+            per query over ``refine_batches`` training batches. 0 (default): plain EK-FAC.
+        refine_batches: evenly spaced training batches the Gauss-Newton-vector products of
+            ``refine_steps`` read (the curvature data given to the `Attributor`).
     """
 
     strategy: str = "ekfac"
@@ -127,8 +141,11 @@ class InfluenceConfig(metaclass=_KnownFields):
     stream_weight: str = "none"
     fisher_samples: int = 1
     half_life: Optional[float] = None
+    half_life_fraction: Optional[float] = None
     statistics_fraction: float = 1.0
     min_statistics_steps: int = 32
+    refine_steps: int = 0
+    refine_batches: int = 8
 
     def __post_init__(self) -> None:
         _choice("strategy", self.strategy, STRATEGIES)
@@ -155,12 +172,17 @@ class InfluenceConfig(metaclass=_KnownFields):
             )
         if self.half_life is not None:
             _positive_number("half_life", self.half_life)
+        if self.half_life_fraction is not None:
+            _positive_number("half_life_fraction", self.half_life_fraction)
         _positive_number("statistics_fraction", self.statistics_fraction)
         if self.statistics_fraction > 1:
             raise ConfigurationError(
                 f"InfluenceConfig.statistics_fraction must be a number in (0, 1], got {self.statistics_fraction!r}"
             )
         _positive_int("min_statistics_steps", self.min_statistics_steps)
+        if isinstance(self.refine_steps, bool) or not isinstance(self.refine_steps, int) or self.refine_steps < 0:
+            raise ConfigurationError(f"InfluenceConfig.refine_steps must be an integer >= 0, got {self.refine_steps!r}")
+        _positive_int("refine_batches", self.refine_batches)
         for name in ("modules", "module_types"):
             value = getattr(self, name)
             if value is not None:

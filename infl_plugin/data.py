@@ -10,6 +10,7 @@ candidate ``candidate_indices[j]``.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -21,6 +22,8 @@ from .config import InfluenceConfig
 from .options import AttributionOptions
 
 EIGENVALUE_EXAMPLES = 1024
+
+logger = logging.getLogger("infl_plugin")
 
 
 class DatasetSource:
@@ -93,6 +96,9 @@ def build_attribution_data(options: AttributionOptions, queries: Any, training_s
     else:
         query_dataset = queries
         count = len(queries) if options.num_queries is None else options.num_queries
+        if count < len(queries):  # said once per run: the other queries are silently not explained otherwise
+            logger.warning(f"infl_plugin: explaining {count} evenly spaced of the {len(queries)} queries given "
+                           f"(num_queries={count}; num_queries=None explains all)")
         query_indices = spaced_indices(len(queries), count)
         query_loader = make_loader(queries, batch_size, query_collate_fn, query_indices, options.num_workers)
     candidates = options.candidate_dataset if options.candidate_dataset is not None else training_set

@@ -51,11 +51,18 @@ class AttributionJob:
     def run(self, factors: Factors, data: AttributionData, step: int, reason: str,
             streamed: Optional[StreamedScores] = None, extra: Optional[dict[str, Any]] = None) -> AttributionResult:
         """The `AttributionResult` of ``data``'s queries at ``step``: against ``streamed`` scores
-        when given (no candidate pass), else against ``data``'s candidate loader."""
+        when given (no candidate pass), else against ``data``'s candidate loader.
+
+        ``extra["durations"]`` (seconds of the passes before this job, e.g. ``"factors"``: the
+        eigendecompositions and eigenvalue pass) is completed with ``"queries"`` and
+        ``"candidates"``; ``duration_s`` is the whole attribution, those included."""
         started = time.perf_counter()
-        self.attributor = attributor = Attributor(self.model, self.task, factors, self.config)
+        durations = {k: float(v) for k, v in ((extra or {}).get("durations") or {}).items()}
+        # the candidates are the training batches of refine_steps' Gauss-Newton products (unused at 0)
+        self.attributor = attributor = Attributor(self.model, self.task, factors, self.config, data.candidates)
         self.queries = pq = attributor.precondition(data.queries)
-        extra = {"candidates_requested": self.options.candidate_mode, **(extra or {})}
+        durations["queries"] = time.perf_counter() - started
+        extra = {"candidates_requested": self.options.candidate_mode, **(extra or {}), "durations": durations}
         if streamed is not None:
             scores, candidate_indices = streamed.scores.float().cpu(), streamed.indices.cpu()
             shares, layer_names, self_scores, mode = torch.zeros(scores.shape[0], 0), [], None, "stream"
@@ -63,7 +70,9 @@ class AttributionJob:
                 shares, layer_names = layer_shares(streamed.layer_abs.cpu()), list(streamed.layer_names)
             extra.update(streamed_visits=int(streamed.visits.sum()), streamed_batches=dict(streamed.batches))
         else:
+            candidates_started = time.perf_counter()
             scores, abs_sums, self_scores = self._candidate_pass(attributor, pq, data, step)
+            durations["candidates"] = time.perf_counter() - candidates_started
             shares, layer_names = layer_shares(abs_sums), attributor.layer_names
             mode = "all" if self.options.candidate_mode == "stream" else self.options.candidate_mode
             candidate_indices = data.candidate_indices if data.candidate_indices is not None else torch.arange(
@@ -89,7 +98,8 @@ class AttributionJob:
             duration_s=0.0, self_scores=self_scores, extra=extra, num_train=data.source.candidate_dataset_size,
             measurement_name=str(getattr(self.task, "measurement_name", "loss")),
         )
-        result.duration_s = time.perf_counter() - started
+        before = sum(v for k, v in durations.items() if k not in ("queries", "candidates"))
+        result.duration_s = before + time.perf_counter() - started
         return result
 
     def add_token_views(self, result: AttributionResult, data: AttributionData) -> None:
@@ -101,7 +111,9 @@ class AttributionJob:
         result.token_views = result_token_views(
             self.attributor, self.queries, result, data.source.candidate_example, data.collate_fn, data.tokenizer,
             sequences=self.options.token_sequences, top_tokens=self.options.top_tokens)
-        result.duration_s += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        result.duration_s += elapsed
+        result.extra.setdefault("durations", {})["token_views"] = elapsed
 
     def _candidate_pass(self, attributor: Attributor, pq: PreconditionedQueries, data: AttributionData,
                         step: int) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:

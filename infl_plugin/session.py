@@ -44,6 +44,7 @@ artifacts happen only where ``is_main``, and every rank refreshes its eigenbasis
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from typing import Any, Callable, ContextManager, Iterable, Optional, Sequence, Union
 
@@ -58,6 +59,7 @@ from .factors import Factors
 from .job import AttributionJob
 from .loss_reduction import LossReduction
 from .options import AttributionOptions, resolve_options
+from .refine import register_curvature_data
 from .reporting import Reporter
 from .schedule import AttributionSchedule, Reason
 from .serialization import clone_state
@@ -149,6 +151,7 @@ class InfluenceSession:
                                    candidate_indices)
         self.data = data
         self.eigenvalue_loader = eigenvalue_loader(data.candidates, self.config)
+        register_curvature_data(self.model, data.candidates if self.config.refine_steps else None)  # streaming refreshes
         if self.streaming_started:  # new data (another fit): stream again only from `start_streaming`
             self.tracker.set_queries(None)
             self.streaming_started = False
@@ -297,22 +300,32 @@ class InfluenceSession:
             try:
                 streamed = self._streamed()  # a collective too: every rank
                 streaming = self.tracker.has_queries
+                factors_started = time.perf_counter()
                 if self.is_main or streaming:  # other ranks need factors only for their streaming queries
                     factors = self.tracker.factors(loader=self.eigenvalue_loader, reduced=reduced)
+                durations = {"factors": time.perf_counter() - factors_started}
                 if streaming:  # the next interval streams against these factors (identical on every rank)
                     with self.policy.tolerant(f"preconditioning the streaming queries at step {step}"):
+                        refresh_started = time.perf_counter()
                         self.tracker.refresh_queries(factors)
+                        durations["streaming_queries"] = time.perf_counter() - refresh_started
                 if self.is_main:
                     self.last_factors = factors
                     result = self.job.run(factors, self.data, step, reason, streamed, extra={
-                        "skipped_batches": self.skipped_batches, "optimizer_steps": self.tracker.optimizer_steps})
+                        "skipped_batches": self.skipped_batches, "optimizer_steps": self.tracker.optimizer_steps,
+                        "durations": durations})
                     with self.policy.tolerant(f"computing the token views of step {step}"):
                         self.job.add_token_views(result, self.data)
             except Exception as error:
                 self.policy.attribution_failed(error, f"attribution at step {step} ({reason})")
             finally:
+                refresh_started = time.perf_counter()
                 with self.policy.tolerant(f"refreshing the eigenbasis at step {step}"):
                     self.tracker.refresh_eigenbasis(reduced)
+                if result is not None:  # part of the attribution's cost too
+                    elapsed = time.perf_counter() - refresh_started
+                    result.extra.setdefault("durations", {})["eigenbasis_refresh"] = elapsed
+                    result.duration_s += elapsed
         self.schedule.last_step = step
         self.attributions += 1
         if result is not None:

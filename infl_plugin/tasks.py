@@ -47,6 +47,23 @@ class Task:
         """Per-example query measurement f, ``Tensor[batch]`` (default: the loss)."""
         return self.loss(model, batch)
 
+    def output(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The model output the loss is a function of (logits, predictions), ``[batch, ...]``.
+
+        `InfluenceConfig.refine_steps` differentiates it with respect to the parameters for exact
+        Gauss-Newton-vector products; tasks that do not implement it raise ``NotImplementedError``.
+        """
+        raise NotImplementedError
+
+    def output_hessian(self, output: torch.Tensor, batch: Any, u: torch.Tensor) -> torch.Tensor:
+        """``H u`` with ``H`` the Hessian of ``Σ_n loss_n`` with respect to ``output`` (same shape as ``u``).
+
+        Default: forward-over-reverse differentiation of `loss_from_output`, exact for any loss; the
+        built-in tasks use closed forms. The Gauss-Newton matrix is ``Σ_n J_nᵀ H_n J_n`` with it.
+        """
+        total = lambda o: self.loss_from_output(o, batch).sum()  # noqa: E731
+        return torch.func.jvp(torch.func.grad(total), (output.detach(),), (u,))[1]
+
     def token_mask(self, batch: Any) -> Optional[torch.Tensor]:
         """``[batch, tokens]`` mask of real (non-padding) tokens, or ``None``."""
         if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor):
@@ -73,12 +90,17 @@ class ClassificationTask(Task):
     """
 
     def loss(self, model, batch, sample=False, generator=None):
+        return self.loss_from_output(self.output(model, batch), batch, sample, generator)
+
+    def output(self, model, batch):
         _require_pair_or_mapping(self, batch, "labels", "(inputs, labels)")
         if isinstance(batch, Mapping):
-            output = model(**{k: v for k, v in batch.items() if k != "labels"})
-        else:
-            output = model(batch[0])
-        return self.loss_from_output(output, batch, sample, generator)
+            return _logits(model(**{k: v for k, v in batch.items() if k != "labels"}))
+        return _logits(model(batch[0]))
+
+    def output_hessian(self, output, batch, u):
+        """``(diag p − p pᵀ) u`` per example, ``p = softmax(logits)``."""
+        return _softmax_hessian(output, u)
 
     def loss_from_output(self, output, batch, sample=False, generator=None):
         logits = _logits(output)
@@ -97,8 +119,15 @@ class RegressionTask(Task):
     """
 
     def loss(self, model, batch, sample=False, generator=None):
+        return self.loss_from_output(self.output(model, batch), batch, sample, generator)
+
+    def output(self, model, batch):
         _require_pair_or_mapping(self, batch, None, "(inputs, targets)")
-        return self.loss_from_output(model(batch[0]), batch, sample, generator)
+        return _logits(model(batch[0]))
+
+    def output_hessian(self, output, batch, u):
+        """The identity: ``½‖pred − y‖²`` has unit Hessian in ``pred``."""
+        return u
 
     def loss_from_output(self, output, batch, sample=False, generator=None):
         pred = _full_precision(_logits(output))
@@ -142,11 +171,19 @@ class CausalLMTask(Task):
         return shifted
 
     def loss(self, model, batch, sample=False, generator=None):
+        return self.loss_from_output(self.output(model, batch), batch, sample, generator)
+
+    def output(self, model, batch):
         self.shifted_labels(batch)  # checks the layout before the model runs
         inputs = {"input_ids": batch["input_ids"]}
         if batch.get("attention_mask") is not None:
             inputs["attention_mask"] = batch["attention_mask"]
-        return self.loss_from_output(model(**inputs), batch, sample, generator)
+        return _logits(model(**inputs))
+
+    def output_hessian(self, output, batch, u):
+        """``(diag p_t − p_t p_tᵀ) u_t`` at every scored token ``t`` (ignored tokens and padding: 0)."""
+        valid = (self.shifted_labels(batch) != IGNORE_INDEX).to(device=u.device, dtype=u.dtype)
+        return _softmax_hessian(output, u) * valid.unsqueeze(-1)
 
     def loss_from_output(self, output, batch, sample=False, generator=None):
         logits = _full_precision(_logits(output))
@@ -195,6 +232,14 @@ def sample_categorical(logits: torch.Tensor, generator: Optional[torch.Generator
     probs = torch.softmax(logits.detach().float(), dim=-1)
     device = generator.device if generator is not None else probs.device
     return torch.multinomial(probs.to(device), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def _softmax_hessian(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``(diag p − p pᵀ) u`` along the last axis with ``p = softmax(logits)``: the Hessian of the
+    cross-entropy in the logits, whatever the label (``logits``, ``u``: ``[..., classes]``)."""
+    p = torch.softmax(_full_precision(logits.detach()), dim=-1).to(u.dtype)
+    pu = p * u
+    return pu - p * pu.sum(-1, keepdim=True)
 
 
 def _full_precision(x: torch.Tensor) -> torch.Tensor:

@@ -299,7 +299,7 @@ class InfluenceTracker:
             warnings.simplefilter("ignore")
             attributor = Attributor(self.model, self.task, factors, replace(self.config, strategy=used))
         with self.paused(), torch.inference_mode(False), torch.enable_grad():
-            queries = attributor.precondition(self._queries)
+            queries = attributor.precondition(self._queries, collective=True)
         self.scorer.set_queries(queries, used)
         self._last_query_refresh = self.optimizer_steps
         return used
@@ -413,10 +413,14 @@ class InfluenceTracker:
         return self.statistics.commit(1.0, self._decay())
 
     def _decay(self) -> float:
-        """``0.5 ** (optimizer steps since the last commit / half_life)`` (1 without a half-life)."""
-        if self.config.half_life is None or self._last_commit_step is None:
+        """``0.5 ** (optimizer steps since the last commit / half-life)``, the half-life being
+        ``half_life`` or ``half_life_fraction`` × the optimizer steps so far (1 without either)."""
+        half_life = self.config.half_life
+        if half_life is None and self.config.half_life_fraction is not None:
+            half_life = self.config.half_life_fraction * max(1, self.optimizer_steps)
+        if half_life is None or self._last_commit_step is None:
             return 1.0
-        return 0.5 ** ((self.optimizer_steps - self._last_commit_step) / self.config.half_life)
+        return 0.5 ** ((self.optimizer_steps - self._last_commit_step) / half_life)
 
     @property
     def eigenvalue_steps(self) -> int:

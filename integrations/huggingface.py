@@ -44,9 +44,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections import deque
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -54,204 +52,31 @@ from torch import nn
 from transformers import TrainerCallback
 
 from infl_plugin.config import InfluenceConfig, resolve_config
-from infl_plugin.data import build_attribution_data
 from infl_plugin.errors import ConfigurationError
 from infl_plugin.indices import BatchIndexRecorder
 from infl_plugin.options import AttributionOptions, resolve_options
+from infl_plugin.query_formats import ACCEPTED_FORMATS, as_rows, readable_renderer
 from infl_plugin.schedule import Reason
 from infl_plugin.session import InfluenceSession
-from infl_plugin.serialization import load_state, save_state
-from infl_plugin.serialization import state_path as _state_path
+from infl_plugin.serialization import load_state, save_state, state_path as _state_path
 from infl_plugin.tasks import CausalLMTask, ClassificationTask, Task
 from infl_plugin.token_report import TokenReporter
 
-MAX_PENDING = 4  # recorded micro-batches kept between commits (1 inside the Trainer's loop)
-
-
-# --------------------------------------------------------------------------------- micro-batches
-@dataclass
-class MicroBatch:
-    """One training forward as the model saw it.
-
-    ``batch``: the tensor keyword inputs (``input_ids``, ``attention_mask``, ``labels``, …);
-    ``num_items``: the ``num_items_in_batch`` the Trainer passed (a number or a 0-dim tensor), if
-    any; ``model_scale``: the model's returned loss divided by ``Σ_n task_loss_n`` (set by the
-    forward hook); ``loss_grad``: the gradient that reached that loss in the backward (0-dim).
-    """
-
-    batch: dict[str, torch.Tensor]
-    num_items: Any = None
-    model_scale: Optional[float] = None
-    loss_grad: Optional[torch.Tensor] = None
-    measured: bool = False
-
-
-class TrainerLossScale:
-    """How the gradients a Trainer backpropagates relate to the task's per-example losses.
-
-    ``grad_scale = model_scale × loss_factor``, where
-
-    * ``model_scale`` = model loss / ``Σ_n task_loss_n``: ``1 / num_items_in_batch`` when the model
-      normalises its summed loss by it (Hugging Face causal LMs when the Trainer passes it), else
-      the task's own mean (``1 / tokens`` or ``1 / examples``). Which of the two a model does is
-      measured once, on the first micro-batch where they differ, by comparing its returned loss with
-      the task's summed loss computed from the returned logits (a BERT classifier accepts the
-      keyword and ignores it, for instance);
-    * ``loss_factor`` = d(backpropagated objective) / d(model loss), read by a tensor hook on the
-      returned loss: ``1 / gradient_accumulation_steps`` when the Trainer divides, × the AMP
-      ``GradScaler`` scale, × the process count when tokens are averaged across devices, whatever
-      the Trainer version does.
-    """
-
-    def __init__(self, task: Task) -> None:
-        self.task = task
-        self.mode: Optional[str] = None  # "num_items" | "mean" once measured
-        self.warned: set[str] = set()
-
-    def measure(self, micro: MicroBatch, output: Any) -> None:
-        """Set ``micro.model_scale`` from the model's output (forward hook; no graph is built)."""
-        micro.measured = True
-        mean = self.task.training_loss_scale(micro.batch)
-        if micro.num_items is None:
-            micro.model_scale = mean
-            return
-        num_items = float(micro.num_items)
-        items = 1.0 / num_items if num_items > 0 else math.inf
-        if math.isclose(items, mean, rel_tol=1e-9) or self.mode is not None:
-            micro.model_scale = items if self.mode in (None, "num_items") else mean
-            return
-        loss = model_loss(output)
-        total = self._summed_task_loss(output, micro.batch)
-        if loss is None or total is None or not total > 0:
-            self.warn("unmeasured", "infl_plugin: cannot compare the model's loss with the task's losses (no loss "
-                      "or logits in the output, or an unsupported task); assuming loss = Σ losses / "
-                      "num_items_in_batch")
-            micro.model_scale = items
-            return
-        ratio = float(loss.detach().float().mean()) / total
-        for mode, value in (("num_items", items), ("mean", mean)):
-            if math.isclose(ratio, value, rel_tol=1e-3):
-                self.mode, micro.model_scale = mode, value
-                return
-        self.warn("mismatch", f"infl_plugin: the model's loss is neither the mean nor the num_items_in_batch-"
-                  f"normalised sum of the task's per-example losses (ratio {ratio:.4g}, expected {items:.4g} or "
-                  f"{mean:.4g}); is the task right (labels, padding set to -100)? Using the measured ratio.")
-        micro.model_scale = ratio
-
-    def _summed_task_loss(self, output: Any, batch: dict[str, torch.Tensor]) -> Optional[float]:
-        """``Σ_n task_loss_n`` from the model's output (no forward, no graph); ``None`` when the task
-        cannot read this output."""
-        try:
-            with torch.no_grad():
-                return float(self.task.loss_from_output(output, batch).double().sum())
-        except (NotImplementedError, TypeError, KeyError, IndexError, ValueError, RuntimeError):
-            return None
-
-    def grad_scale(self, micro: MicroBatch, args: Any) -> float:
-        """``d(backpropagated objective) / d(Σ_n task_loss_n)`` for a micro-batch whose backward just ran."""
-        model_scale = micro.model_scale if micro.model_scale is not None else self.task.training_loss_scale(micro.batch)
-        if micro.loss_grad is None:
-            self.warn("no-loss-grad", "infl_plugin: the training backward did not pass through the loss the model "
-                      "returned (no loss in the output: label smoothing or a compute_loss_func; or a custom "
-                      "compute_loss); assuming the loss is divided by gradient_accumulation_steps and not scaled "
-                      "by AMP")
-            return model_scale / args.gradient_accumulation_steps
-        return model_scale * float(micro.loss_grad.float().sum())
-
-    def warn(self, key: str, message: str) -> None:
-        """Warn once per ``key``."""
-        if key not in self.warned:
-            self.warned.add(key)
-            warnings.warn(message, stacklevel=3)
-
-
-def model_loss(output: Any) -> Optional[torch.Tensor]:
-    """The loss a model returned (``output["loss"]`` of a ``ModelOutput`` or dict), else ``None``."""
-    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
-    return loss if isinstance(loss, torch.Tensor) else None
-
-
-class TrainingInputs:
-    """Hooks on the Trainer's model that record each training micro-batch's inputs and loss gradient.
-
-    Only forwards in training mode with gradients enabled are recorded (evaluation and the
-    session's own eval-mode passes are not); a gradient-checkpointing recomputation never reruns
-    the root module, so each micro-batch is recorded once. At most ``MAX_PENDING`` micro-batches
-    wait for a commit, and every hook does nothing once `close` ran.
-    """
-
-    def __init__(self, model: nn.Module, scale: TrainerLossScale, capturing: Callable[[], bool]) -> None:
-        self.model = model
-        self.scale = scale
-        self.capturing = capturing  # the loss scale is measured only for micro-batches that feed the statistics
-        self.pending: deque[MicroBatch] = deque(maxlen=MAX_PENDING)
-        self.active = False
-        self._handles: list[Any] = []
-
-    def attach(self) -> None:
-        """Hooks on (idempotent)."""
-        if not self._handles:
-            self._handles = [self.model.register_forward_pre_hook(self._before, with_kwargs=True),
-                             self.model.register_forward_hook(self._after, with_kwargs=True)]
-        self.active = True
-
-    def close(self) -> None:
-        """Hooks off, pending micro-batches dropped; tensor hooks already on a loss become no-ops."""
-        self.active = False
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self.pending.clear()
-
-    def pop(self) -> list[MicroBatch]:
-        """The micro-batches recorded since the last call, oldest first."""
-        pending = list(self.pending)
-        self.pending.clear()
-        return pending
-
-    def _recording(self, module: nn.Module) -> bool:
-        return self.active and module.training and torch.is_grad_enabled()
-
-    def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not self._recording(module):
-            return
-        try:
-            batch = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k != "num_items_in_batch"}
-            if args and isinstance(args[0], torch.Tensor) and "input_ids" not in batch:
-                batch["input_ids"] = args[0]
-            self.pending.append(MicroBatch(batch, kwargs.get("num_items_in_batch")))
-        except Exception as error:  # never break training
-            self.scale.warn("record", f"infl_plugin: could not record a training batch: {error}")
-
-    def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if not (self._recording(module) and self.pending and not self.pending[-1].measured and self.capturing()):
-            return
-        micro = self.pending[-1]
-        try:
-            self.scale.measure(micro, output)
-            loss = model_loss(output)
-            if loss is not None and loss.requires_grad:
-                loss.register_hook(self._loss_hook(micro))
-        except Exception as error:  # never break training
-            self.scale.warn("measure", f"infl_plugin: could not measure the loss scale: {error}")
-
-    def _loss_hook(self, micro: MicroBatch) -> Callable[[torch.Tensor], None]:
-        def hook(grad: torch.Tensor) -> None:  # returns None: the gradient itself is untouched
-            if self.active:
-                micro.loss_grad = grad.detach()
-
-        return hook
-
+from .hf_inputs import MAX_PENDING, MicroBatch, TrainerLossScale, TrainingInputs, model_loss
+from .hf_queries import refuse_packed_batches, trainer_attribution_data
 
 # --------------------------------------------------------------------------------- the callback
 class InfluenceTrainerCallback(TrainerCallback):
     """EK-FAC influence alongside ``Trainer.train``: statistics, attribution, TensorBoard, checkpoints.
 
     Args:
-        queries: the examples to explain (indexable, same format as training examples; collated
-            with ``collate_fn``; ``options.num_queries`` evenly spaced ones are used), or a ready
-            ``DataLoader`` of query batches. ``None``: statistics are tracked and checkpointed but
-            nothing is attributed.
+        queries: the examples to explain, in any of the formats of `infl_plugin.query_formats`:
+            strings, ``{"prompt", "completion"}`` pairs, ``{"messages": [...]}`` chats (tokenized
+            at train start as the trainer prepared its training text, see
+            `integrations.hf_queries`), rows of the training dataset (raw or processed, a
+            ``datasets.Dataset`` too), tokenized mappings (collated with ``collate_fn``), columns, or a
+            ``DataLoader`` of query batches (used as it is; of others ``options.num_queries`` evenly
+            spaced ones). ``None``: statistics are tracked and checkpointed, nothing is attributed.
         config: `InfluenceConfig` (or a mapping / DictConfig of its fields).
         task: how per-example losses are computed; default from the model class (``*ForCausalLM``
             / LM-head models → `CausalLMTask`, ``*ForSequenceClassification`` → `ClassificationTask`).
@@ -292,14 +117,14 @@ class InfluenceTrainerCallback(TrainerCallback):
         self.config = resolve_config("InfluenceTrainerCallback", config)
         _check(task is None or isinstance(task, Task), "task", task, "None or an infl_plugin.Task instance")
         _check(queries is None or isinstance(queries, torch.utils.data.DataLoader) or _indexable(queries), "queries",
-               queries, "None, a DataLoader or an indexable collection of examples")
+               queries, f"None or a collection of queries ({ACCEPTED_FORMATS})")
         _check(collate_fn is None or callable(collate_fn), "collate_fn", collate_fn, "None or a callable")
         _check(writer is None or callable(getattr(writer, "add_scalar", None)), "writer", writer,
                "None or a SummaryWriter-like object (with add_scalar)")
         for name, value in (("logdir", logdir), ("resume_from", resume_from)):
             _check(value is None or isinstance(value, (str, os.PathLike)), name, value, "None or a path")
         self.options = resolve_options("InfluenceTrainerCallback", options, **overrides)
-        self.queries = queries
+        self.queries = queries if queries is None or isinstance(queries, torch.utils.data.DataLoader) else as_rows(queries)
         self.task = task
         self.indices = BatchIndexRecorder()
         self.collate_fn = collate_fn
@@ -332,7 +157,8 @@ class InfluenceTrainerCallback(TrainerCallback):
             self._restore(args, state, model)
         # the training loader's collate_fn includes the Trainer's removal of unused dataset columns
         collate = self.collate_fn or getattr(train_dataloader, "collate_fn", None)
-        self._set_data(args, collate, train_dataloader, processing_class)
+        refuse_packed_batches(args, getattr(train_dataloader, "collate_fn", None))
+        self._set_data(args, model, collate, train_dataloader, processing_class)
         if self.session.candidate_mode == "stream" and self.session.has_data:
             self._start_indices(train_dataloader, _resumed_batches(args, state, train_dataloader))
         if state.is_world_process_zero:
@@ -435,7 +261,8 @@ class InfluenceTrainerCallback(TrainerCallback):
             self.session.maybe_attribute(step, reason)
 
     # ----------------------------------------------------------------------------- data and logging
-    def _set_data(self, args: Any, collate: Optional[Callable], train_dataloader: Any, tokenizer: Any = None) -> None:
+    def _set_data(self, args: Any, model: nn.Module, collate: Optional[Callable], train_dataloader: Any,
+                  tokenizer: Any = None) -> None:
         if self.queries is None:
             self._warn_once("no-queries", "infl_plugin: InfluenceTrainerCallback got no queries; curvature statistics "
                             "are tracked and checkpointed, nothing is attributed")
@@ -444,10 +271,10 @@ class InfluenceTrainerCallback(TrainerCallback):
         if self.options.candidate_dataset is None and (training_set is None or not _indexable(training_set)):
             raise ConfigurationError("InfluenceTrainerCallback.candidates: the training loader's dataset is not "
                                      "indexable (an IterableDataset?); pass candidates=<indexable training examples>")
-        data = build_attribution_data(self.options, self.queries, training_set,
-                                      batch_size=self.options.batch_size or args.per_device_eval_batch_size,
-                                      collate_fn=collate, seed=self.config.seed, tokenizer=tokenizer,
-                                      tokenized=True)
+        data = trainer_attribution_data(self.options, self.queries, training_set, args=args, model=model,
+                                        task=self.session.task, tokenizer=tokenizer, collate=collate,
+                                        batch_size=self.options.batch_size or args.per_device_eval_batch_size,
+                                        seed=self.config.seed)
         self.session.set_data(data)
 
     def _open_reporter(self, args: Any, tokenizer: Any) -> None:
@@ -457,7 +284,8 @@ class InfluenceTrainerCallback(TrainerCallback):
             from torch.utils.tensorboard import SummaryWriter
 
             writer = self._own_writer = SummaryWriter(log_dir=logdir)
-        self.session.reporter = TokenReporter(writer, tokenizer=tokenizer, renderer=self.options.renderer,
+        renderer = readable_renderer(self.options.renderer, tokenizer, self.options.image_shape)
+        self.session.reporter = TokenReporter(writer, tokenizer=tokenizer, renderer=renderer,
                                               image_shape=self.options.image_shape)
         self.session.artifact_dir = logdir
 
@@ -521,7 +349,7 @@ def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
         raise ConfigurationError(f"InfluenceTrainerCallback.{name} must be {allowed}, got {value!r}")
 
 
-def _indexable(value: Any) -> bool:
+def _indexable(value: Any) -> bool:  # a bare string is one text, not a collection of queries
     return hasattr(value, "__getitem__") and hasattr(value, "__len__") and not isinstance(value, (str, bytes))
 
 
@@ -567,5 +395,5 @@ def _unwrapped(model: Optional[nn.Module], args: Any) -> nn.Module:
     return model
 
 
-__all__ = ["MAX_PENDING", "InfluenceTrainerCallback", "MicroBatch", "TrainerLossScale", "TrainingInputs",
-           "default_task", "load_state", "model_loss", "save_state", "tensorboard_logdir"]
+__all__ = ["MAX_PENDING", "InfluenceTrainerCallback", "MicroBatch", "TrainerLossScale", "TrainingInputs", "default_task",
+           "load_state", "model_loss", "save_state", "tensorboard_logdir"]

@@ -104,6 +104,34 @@ def test_half_life_covariances_are_exponentially_weighted_sums_of_per_step_stati
     assert not torch.allclose(a, plain, rtol=1e-3)  # the decay matters: the test can fail
 
 
+@pytest.mark.parametrize("update_every", [1, 2])
+def test_half_life_fraction_weighs_steps_by_a_half_life_growing_with_the_run(update_every):
+    data = batches(12)
+    torch.manual_seed(0)
+    model = OneLayer().double()
+    config = ip.InfluenceConfig(strategy="kfac", accumulation_dtype="float64", half_life_fraction=0.25,
+                                update_every=update_every)
+    tracker = train(model, data, config)
+    sums = replay(data)
+    steps = list(range(0, len(data), update_every))
+    # each commit at optimizer step c decays what came before by 0.5 ** (Δ / (0.25 · c))
+    weights = [1.0] * len(steps)
+    for k in range(1, len(steps)):
+        factor = 0.5 ** ((steps[k] - steps[k - 1]) / (0.25 * steps[k]))
+        weights[:k] = [w * factor for w in weights[:k]]
+    a, _ = tracker.statistics.covariance("fc")
+    expected = sum(w * sums[t]["a"] for w, t in zip(weights, steps)) / sum(w * sums[t]["n"] for w, t in zip(weights, steps))
+    torch.testing.assert_close(a, expected, rtol=RTOL, atol=ATOL)
+    late = sum(w for w, t in zip(weights, steps) if t >= len(data) // 2) / sum(weights)
+    assert late > 0.8  # the last half of the run holds most of the weight
+    torch.manual_seed(0)
+    fixed = train(OneLayer().double(), data, ip.InfluenceConfig(strategy="kfac", accumulation_dtype="float64",
+                                                                 half_life=3.0, half_life_fraction=0.25,
+                                                                 update_every=update_every))
+    torch.testing.assert_close(fixed.statistics.covariance("fc")[0], weighted(sums, steps, steps[-1], 3.0, "a", "n"),
+                               rtol=RTOL, atol=ATOL)  # an explicit half_life takes precedence
+
+
 def test_half_life_decays_eigenvalues_like_covariances():
     data = batches(8)
     torch.manual_seed(0)
@@ -136,7 +164,8 @@ def test_fisher_samples_need_the_sampled_fisher():
         ip.InfluenceConfig(fisher_samples=2)
 
 
-@pytest.mark.parametrize("field,value", [("half_life", 0), ("half_life", float("nan")), ("statistics_fraction", 0),
+@pytest.mark.parametrize("field,value", [("half_life", 0), ("half_life", float("nan")), ("half_life_fraction", 0),
+                                         ("half_life_fraction", "quarter"), ("statistics_fraction", 0),
                                          ("statistics_fraction", 1.5), ("statistics_fraction", "half"),
                                          ("min_statistics_steps", 0), ("fisher_samples", 0)])
 def test_invalid_statistics_options_name_the_field(field, value):
