@@ -97,6 +97,22 @@ class Factors:
             )
 
     # ----------------------------------------------------------------------------- persistence
+    def state_dict(self) -> dict:
+        """CPU copies of the tensors and what they were fitted with (a checkpoint entry)."""
+        copy = lambda t: None if t is None else t.detach().cpu().clone()  # noqa: E731
+        return {"strategy": self.strategy, "config": dict(self.config),
+                "shapes": {n: list(s) for n, s in self.shapes.items()},
+                "layers": {n: {"q_a": copy(f.q_a), "q_s": copy(f.q_s), "eigenvalues": copy(f.eigenvalues),
+                               "damping": float(f.damping)} for n, f in self.layers.items()}}
+
+    @classmethod
+    def from_state_dict(cls, state: dict, device: Union[str, torch.device] = "cpu") -> "Factors":
+        """The factors `state_dict` described, on ``device``."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        layers = {n: LayerFactors(move(f["q_a"]), move(f["q_s"]), move(f["eigenvalues"]), float(f["damping"]))
+                  for n, f in state["layers"].items()}
+        return cls(state["strategy"], layers, {n: tuple(s) for n, s in state["shapes"].items()}, state["config"])
+
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write one safetensors file (atomically) with JSON metadata."""
         tensors: dict[str, torch.Tensor] = {}

@@ -383,12 +383,13 @@ class InfluenceSession:
 
     # ----------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict:
-        """Statistics (summed over processes: call on every rank), counters, the tracker's RNG and,
-        on the main process, the reporter's state (when it has one).
+        """Statistics and streamed scores (summed over processes: call on every rank), the
+        streaming queries and their factors, counters, the tracker's RNG and, on the main process,
+        the reporter's state (when it has one).
 
         Tensors are copies: later training does not change a returned state.
         """
-        tracker_state = self.tracker.state_dict()
+        tracker_state = self.tracker.state_dict(gathered=True)
         if self.tracker.statistics is not None:
             tracker_state["statistics"] = clone_state(self.tracker.statistics.reduced().state_dict())
         state = {
@@ -408,9 +409,7 @@ class InfluenceSession:
         keeps the sums; other ranks start from zero in the same eigenbasis."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"Unsupported InfluenceSession state version {state.get('version')!r}")
-        self.tracker.load_state_dict(clone_state(state["tracker"]))
-        if rank != 0 and self.tracker.statistics is not None:
-            self.tracker.statistics.reset(covariances=True, eigenvalues=True)
+        self.tracker.load_state_dict(clone_state(state["tracker"]), sums=rank == 0)
         self.schedule.last_step = state["last_attribution_step"]
         self.attributions = int(state["attributions"])
         self.policy.failed_attributions = int(state["failed_attributions"])

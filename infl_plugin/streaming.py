@@ -337,17 +337,33 @@ class StreamingScorer:
         self._chunks, self._columns = [], 0
 
     # ----------------------------------------------------------------------------- persistence
-    def state_dict(self) -> dict:
-        """This process's sums (CPU tensors) and counters."""
-        result = self.result()
+    def state_dict(self, result: Optional[StreamedScores] = None) -> dict:
+        """The sums (this process's, or ``result``: e.g. the `StreamedScores.gather` of every
+        process's) and counters, plus the preconditioned queries they are scored against (CPU
+        copies), so that a resumed run scores the next visits exactly as this one would."""
+        result = self.result() if result is None else result
+        copy = lambda t: None if t is None else t.detach().cpu().clone()  # noqa: E731
+        queries = None
+        if self.queries is not None:
+            queries = {"preconditioning": self.preconditioning, "measurements": copy(self.queries.measurements),
+                       "layers": {n: {"full": copy(q.full), "u": copy(q.u), "v": copy(q.v)}
+                                  for n, q in self.queries.layers.items()}}
         return {"indices": result.indices.cpu(), "scores": result.scores.cpu(), "visits": result.visits.cpu(),
                 "batches": dict(result.batches), "skipped_batches": self.skipped_batches,
                 "layer_names": list(result.layer_names),
-                "layer_abs": None if result.layer_abs is None else result.layer_abs.cpu()}
+                "layer_abs": None if result.layer_abs is None else result.layer_abs.cpu(), "queries": queries}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore `state_dict`'s sums (states saved before the per-layer sums load without them)."""
+    def load_state_dict(self, state: dict, device: Union[str, torch.device, None] = None) -> None:
+        """Restore `state_dict`: the saved queries (on ``device``, default the current queries'
+        device) when it holds them, then the sums (states saved before the per-layer sums load
+        without them)."""
         self.reset()
+        saved = state.get("queries")
+        if saved is not None:
+            device = device or ("cpu" if self.queries is None else self.queries.measurements.device)
+            move = lambda t: None if t is None else t.to(device)  # noqa: E731
+            layers = {n: QueryLayer(move(q["full"]), move(q["u"]), move(q["v"])) for n, q in saved["layers"].items()}
+            self.set_queries(PreconditionedQueries(layers, move(saved["measurements"])), saved["preconditioning"])
         device = "cpu" if self.queries is None else self.queries.measurements.device
         if state.get("layer_abs") is not None:
             if list(state["layer_names"]) != list(self.layers):

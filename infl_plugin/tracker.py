@@ -60,7 +60,7 @@ from .factors import Factors, compute_factors, eigenbases
 from .fitting import accumulate, new_statistics
 from .hooks import LayerHooks, fan_out
 from .layers import select_layers
-from .passes import backward_pass, isolated
+from .passes import backward_pass, isolated, model_device
 from .statistics import CurvatureStatistics
 from .streaming import StreamedScores, StreamingScorer
 from .subsample import ExampleSubsample
@@ -108,6 +108,7 @@ class InfluenceTracker:
         self.failed_query_refreshes = 0
         self._queries: Optional[list] = None
         self._given_factors: Optional[Factors] = None  # the last factors handed to `refresh_queries`
+        self._resumed_stream: Optional[dict] = None  # a loaded stream state waiting for `set_queries`
         self._last_query_refresh = 0
         self._dropped_warned = 0
         if queries is not None:
@@ -278,7 +279,10 @@ class InfluenceTracker:
             if not batches:
                 raise ValueError("The query loader yielded no batch")
             self._queries = batches
-            self.refresh_queries()
+            resumed = self._resumed_stream is not None and self._resume_stream(
+                sum(self.task.batch_size(batch) for batch in batches))
+            if not resumed:
+                self.refresh_queries()
         self._arm()
 
     def refresh_queries(self, factors: Optional[Factors] = None) -> str:
@@ -495,7 +499,12 @@ class InfluenceTracker:
         return compute_factors(statistics, self.layers, self.config)
 
     # ----------------------------------------------------------------------------- persistence
-    def state_dict(self) -> dict:
+    def state_dict(self, gathered: bool = False) -> dict:
+        """Statistics, counters, RNG and the streaming state: the streamed sums (this process's;
+        ``gathered``: every process's, a collective), the preconditioned queries and the factors
+        last given to `refresh_queries` (CPU copies), so that a resumed run streams exactly as
+        this one would."""
+        streamed = self.scorer.result().gather() if gathered else None
         return {
             "statistics": None if self.statistics is None else self.statistics.state_dict(),
             "optimizer_steps": self.optimizer_steps,
@@ -506,15 +515,24 @@ class InfluenceTracker:
             "last_commit_step": self._last_commit_step,
             "basis_updates": self._basis_updates,
             "subsample": None if self.subsample is None else self.subsample.state_dict(),
-            "stream": self.scorer.state_dict(),
+            "stream": self.scorer.state_dict(streamed),
             "last_query_refresh": self._last_query_refresh,
+            "given_factors": None if self._given_factors is None else self._given_factors.state_dict(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, sums: bool = True) -> None:
+        """Restore `state_dict`. ``sums=False`` starts the statistics and streamed sums from zero
+        (in the same eigenbasis, with the same queries): the other processes of a run whose main
+        process holds the saved totals."""
         if state["config"] != self.config.to_dict():
             raise ValueError(f"Tracker state was saved with another InfluenceConfig: {state['config']}")
         if self.statistics is not None:
             self.statistics.load_state_dict(state["statistics"])
+            if not sums:
+                self.statistics.reset(covariances=True, eigenvalues=True)
+        if not sums and state.get("stream") is not None:
+            state = dict(state, stream=dict(state["stream"], indices=torch.zeros(0, dtype=torch.long), batches={},
+                                            layer_abs=None, skipped_batches=0))
         self.optimizer_steps = int(state["optimizer_steps"])
         self.micro_batches = int(state["micro_batches"])
         self.updates = int(state["updates"])
@@ -523,7 +541,24 @@ class InfluenceTracker:
         self._basis_updates = state.get("basis_updates")
         if self.subsample is not None and state.get("subsample") is not None:
             self.subsample.load_state_dict(state["subsample"])
+        device = model_device(self.model)
+        if state.get("given_factors") is not None:
+            self._given_factors = Factors.from_state_dict(state["given_factors"], device)
         if state.get("stream") is not None:
-            self.scorer.load_state_dict(state["stream"])
             self._last_query_refresh = int(state["last_query_refresh"])
+            self._resumed_stream = state["stream"]
+            if self._queries is not None:
+                self._resume_stream(len(self.scorer.queries or ()))
         self._arm()
+
+    def _resume_stream(self, num_queries: int) -> bool:
+        """Continue a loaded state's stream: its preconditioned queries (when saved for
+        ``num_queries`` queries) and sums. Returns whether the saved queries were taken."""
+        state, self._resumed_stream = self._resumed_stream, None
+        saved = state.get("queries")
+        if saved is not None and int(saved["measurements"].shape[0]) != num_queries:
+            warnings.warn(f"infl_plugin: the saved streaming state is for {int(saved['measurements'].shape[0])} "
+                          f"queries, this run streams {num_queries}; streamed scores restart from zero", stacklevel=3)
+            return False
+        self.scorer.load_state_dict(state, model_device(self.model))
+        return saved is not None

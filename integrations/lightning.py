@@ -233,15 +233,19 @@ class InfluenceCallback(Callback):
         """``candidates="stream"``: record the dataset indices of the training batches from the
         training loader's batch sampler (`BatchIndexRecorder`), or fall back to ``"all"``.
 
-        The epoch under way already has its data iterator, so its indices stay unknown: streaming
-        starts (`InfluenceSession.start_streaming`) with the next epoch, not to pay for scores that
-        could not be attributed to examples."""
-        if self.indices.install(train):
-            self._stream_from_epoch = trainer.current_epoch + 1
-            rank_zero_info("InfluenceCallback: streaming influence from the next epoch on: the dataset indices of "
-                           "training batches are read from the training loader's sampler, and Lightning creates an "
-                           "epoch's data iterator before callbacks run; attributions until then score the candidates "
-                           "as candidates='all'")
+        The epoch under way already has its data iterator. A single-process loader with torch's
+        ``BatchSampler`` has drawn nothing from it yet, so its indices are recorded and streaming
+        (`InfluenceSession.start_streaming`) starts with this epoch, also in a resumed fit; worker
+        processes have already drawn indices, so streaming starts with the next epoch, not to pay
+        for scores that could not be attributed to examples."""
+        if self.indices.install(train, current_iteration=True):
+            now = self.indices.covers_current_iteration and train.num_workers == 0
+            self._stream_from_epoch = trainer.current_epoch + (0 if now else 1)
+            if not now:
+                rank_zero_info("InfluenceCallback: streaming influence from the next epoch on: the dataset indices "
+                               "of training batches are read from the training loader's sampler, and this epoch's "
+                               "worker processes drew them before callbacks run; attributions until then score the "
+                               "candidates as candidates='all'")
             return
         warnings.warn("InfluenceCallback: candidates='stream' needs the dataset indices of training batches, which "
                       "a loader without a batch sampler (an IterableDataset) does not give; scoring candidates='all' "
@@ -250,7 +254,7 @@ class InfluenceCallback(Callback):
 
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.indices.installed and isinstance(trainer.train_dataloader, DataLoader):
-            self.indices.install(trainer.train_dataloader)  # a reloaded loader (reload_dataloaders_every_n_epochs)
+            self.indices.install(trainer.train_dataloader, current_iteration=True)  # a reloaded loader
             if trainer.current_epoch >= self._stream_from_epoch:
                 self.session.start_streaming()  # a collective: every rank, at the same epoch
 

@@ -120,10 +120,11 @@ def _data(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
 class Net(pl.LightningModule):
     """MLP on 6 features, shuffled training loader, dropout: any stray random draw changes training."""
 
-    def __init__(self, dropout: float = 0.0) -> None:
+    def __init__(self, dropout: float = 0.0, workers: int = 0) -> None:
         super().__init__()
         self.model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3))
         self.train_set, self.val_set = _data()
+        self.workers = workers
 
     def forward(self, x):
         return self.model(x)
@@ -136,7 +137,8 @@ class Net(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
     def train_dataloader(self):
-        return DataLoader(self.train_set, batch_size=BATCH, shuffle=True)
+        return DataLoader(self.train_set, batch_size=BATCH, shuffle=True, num_workers=self.workers,
+                          persistent_workers=self.workers > 0)
 
     def val_dataloader(self):
         return DataLoader(self.val_set, batch_size=4)
@@ -152,9 +154,9 @@ class Spy(Callback):
         self.batches.append((self.callback._batch_indices, batch[0].clone(), trainer.global_step))
 
 
-def _fit(tmp_path, callbacks=(), epochs: int = 3, accumulate: int = 1, dropout: float = 0.0) -> Net:
+def _fit(tmp_path, callbacks=(), epochs: int = 3, accumulate: int = 1, dropout: float = 0.0, workers: int = 0) -> Net:
     pl.seed_everything(0)
-    module = Net(dropout)
+    module = Net(dropout, workers)
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=0, default_root_dir=str(tmp_path), deterministic=True,
@@ -170,19 +172,83 @@ def _callback(**kwargs) -> InfluenceCallback:
     return InfluenceCallback(**options)
 
 
-def test_lightning_stream_indices_match_the_trained_rows_and_training_is_unchanged(tmp_path):
-    plain = _fit(tmp_path, dropout=0.3, accumulate=2)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_lightning_stream_indices_match_the_trained_rows_and_training_is_unchanged(tmp_path, workers):
+    """The first epoch's iterator predates the callback: a single-process loader has drawn nothing
+    from it yet, so its indices are recorded too; worker processes drew some already, so streaming
+    starts with the second epoch."""
+    plain = _fit(tmp_path, dropout=0.3, accumulate=2, workers=workers)
     callback = _callback(candidates="stream", every_n_steps=4)
     spy = Spy(callback)
-    module = _fit(tmp_path, [callback, spy], dropout=0.3, accumulate=2)
+    module = _fit(tmp_path, [callback, spy], dropout=0.3, accumulate=2, workers=workers)
     assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), module.parameters()))
     known = [(indices, x) for indices, x, _ in spy.batches if indices is not None]
-    assert len(spy.batches) == 18 and len(known) == 12  # the first epoch's iterator predates the callback
+    assert len(spy.batches) == 18 and len(known) == (18 if workers == 0 else 12)
     for indices, x in known:
         assert torch.equal(module.train_set.tensors[0][indices], x)
-    assert all(indices is None for indices, _, _ in spy.batches[:6])
-    assert callback.session.unindexed_batches == 0  # streaming starts with the second epoch: nothing wasted
-    assert type(module.trainer.train_dataloader.batch_sampler) is torch.utils.data.BatchSampler  # removed
+    if workers:
+        assert all(indices is None for indices, _, _ in spy.batches[:6])
+    assert callback.session.unindexed_batches == 0  # streaming only where the indices are known: nothing wasted
+    loader = module.trainer.train_dataloader
+    assert type(loader.batch_sampler) is torch.utils.data.BatchSampler  # removed
+    assert type(loader.batch_sampler.sampler) is torch.utils.data.RandomSampler
+
+
+class EpochShuffle(torch.utils.data.Sampler):
+    """A shuffle drawn from the epoch number (``set_epoch``, as Lightning calls it): the same order
+    in a resumed run, which Lightning's checkpoints (no global RNG state) do not give otherwise."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.epoch = n, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.epoch)).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class ResumableNet(Net):
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=BATCH, sampler=EpochShuffle(len(self.train_set)))
+
+
+def test_lightning_stream_resumes_exactly(tmp_path):
+    """Killed after epoch 1 (6 steps) and resumed from its checkpoint: the attributions at steps 9
+    and 18 equal the uninterrupted run's. The resumed fit streams its first epoch (the queries
+    and sums restored, the indices recorded from the iterator Lightning built before the
+    callbacks ran). Same operations in the same order: scores within float64 reassociation noise
+    (rtol 1e-9), preconditioning counts and candidates exactly."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    config = ip.InfluenceConfig(strategy="ekfac", update_every=1, stream_refresh_every=2, min_statistics_steps=4,
+                                accumulation_dtype="float64")
+
+    def run(root, epochs, ckpt_path=None) -> list[dict]:
+        pl.seed_everything(0)
+        callback = _callback(candidates="stream", every_n_steps=9, attribute_at_train_end=False, config=config)
+        trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                             default_root_dir=str(root), deterministic=True,
+                             callbacks=[callback, ModelCheckpoint(dirpath=str(root / "ckpt"), save_last=True)])
+        module = ResumableNet()
+        trainer.fit(module, ckpt_path=ckpt_path)
+        return read_artifacts(root, as_dataframe=False), list(module.parameters())
+
+    whole, trained = run(tmp_path / "whole", 3)
+    assert run(tmp_path / "first", 1)[0] == []
+    resumed, retrained = run(tmp_path / "resumed", 3, ckpt_path=str(tmp_path / "first" / "ckpt" / "last.ckpt"))
+    assert all(torch.equal(a, b) for a, b in zip(trained, retrained))  # the same training: a valid comparison
+    assert [r["step"] for r in whole] == [r["step"] for r in resumed] == [9, 18]
+    assert "ekfac" in whole[1]["extra"]["streamed_batches"]
+    for got, expected in zip(resumed, whole):
+        assert got["extra"]["streamed_batches"] == expected["extra"]["streamed_batches"]
+        assert got["candidate_indices"].tolist() == expected["candidate_indices"].tolist()
+        torch.testing.assert_close(torch.as_tensor(got["scores"]), torch.as_tensor(expected["scores"]), rtol=1e-9,
+                                   atol=0)
 
 
 class ScoringForwards(Callback):
@@ -201,8 +267,8 @@ class ScoringForwards(Callback):
 
 
 def test_lightning_stream_scores_the_examples_since_the_previous_attribution_without_a_pass(tmp_path):
-    """Attributions at steps 9 and 18 (epochs 2 and 3, whose indices are known): no scoring pass
-    over training rows at all, while ``"all"`` runs one per attribution."""
+    """Attributions at steps 9 and 18 (epochs 2 and 3; every epoch's indices are known): no
+    scoring pass over training rows at all, while ``"all"`` runs one per attribution."""
     config = ip.InfluenceConfig(strategy="kfac", update_every=1, stream_refresh_every=2)
     counts = {}
     for mode in ("all", "stream"):
@@ -214,7 +280,7 @@ def test_lightning_stream_scores_the_examples_since_the_previous_attribution_wit
     tmp_path = tmp_path / "stream"
     results = read_artifacts(tmp_path, as_dataframe=False)
     assert [r["step"] for r in results] == [9, 18] and {r["candidate_mode"] for r in results} == {"stream"}
-    for result, window in zip(results, ((6, 9), (9, 18))):
+    for result, window in zip(results, ((0, 9), (9, 18))):
         seen = {i for indices, _, step in spy.batches if indices is not None and window[0] <= step < window[1]
                 for i in indices.tolist()}
         assert sorted(seen) == result["candidate_indices"].tolist()
@@ -426,27 +492,42 @@ def test_huggingface_candidate_options_are_validated():
         assert InfluenceTrainerCallback().options.candidates == "stream"
 
 
-def test_huggingface_stream_resumes_exactly(tmp_path):
-    """A run resumed at step 2 of 4 skips the epoch's first 2 batches: their records are dropped,
-    so steps 3-4 stream the same examples as the uninterrupted run. (The scores themselves differ:
-    the resumed run preconditions its queries afresh at the restored parameters.)"""
+@pytest.mark.parametrize("resume_at", [3, 9])
+def test_huggingface_stream_resumes_exactly(tmp_path, resume_at):
+    """Killed after a save and resumed: every later attribution equals the uninterrupted run's.
+
+    16 examples in batches of 2 (8 steps an epoch), 12 steps, saves every 3, attributions at 6 and
+    12, EK-FAC queries refreshed every 4 steps. Resumed at 3: streamed sums so far, identity-scored
+    queries and a resumed epoch that skips its first 3 batches. Resumed at 9: queries
+    preconditioned with the step-6 attribution's factors (the tracker's own eigenvalues are not
+    ready yet), in the second epoch. Same operations in the same order: scores within float64
+    reassociation noise (rtol 1e-9), the preconditioning counts and candidates exactly."""
     import shutil
 
     items = _examples(_texts(16))
+    config = ip.InfluenceConfig(strategy="ekfac", update_every=1, stream_refresh_every=4, min_statistics_steps=4,
+                                accumulation_dtype="float64")
 
-    def run(out, resume=None) -> InfluenceTrainerCallback:
-        callback = _hf_callback(candidates="stream")
-        settings = dict(output_dir=str(out), per_device_train_batch_size=2, max_steps=4, learning_rate=1e-2,
-                        report_to="none", use_cpu=True, save_strategy="steps", save_steps=2, logging_strategy="no",
+    def run(out, resume=None) -> list[dict]:
+        callback = _hf_callback(candidates="stream", every_n_steps=6, config=config, logdir=str(out / "tb"))
+        settings = dict(output_dir=str(out), per_device_train_batch_size=2, max_steps=12, learning_rate=1e-2,
+                        report_to="none", use_cpu=True, save_strategy="steps", save_steps=3, logging_strategy="no",
                         disable_tqdm=True, seed=0, data_seed=0, per_device_eval_batch_size=8)
         Trainer(model=_gpt2(), args=TrainingArguments(**settings), train_dataset=items, data_collator=_collate,
                 processing_class=TOKENIZER, callbacks=[callback]).train(resume_from_checkpoint=resume)
-        return callback
+        return read_artifacts(out / "tb", as_dataframe=False)
 
     whole = run(tmp_path / "whole")
-    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
-    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "resumed" / "checkpoint-2"))
-    got, expected = resumed.session.last_result, whole.session.last_result
-    assert got.step == expected.step == 4 and got.candidate_mode == expected.candidate_mode == "stream"
-    assert got.candidate_indices.tolist() == expected.candidate_indices.tolist() and got.num_candidates == 4
-    assert got.extra["streamed_visits"] == expected.extra["streamed_visits"] == 4
+    shutil.copytree(tmp_path / "whole" / f"checkpoint-{resume_at}", tmp_path / "resumed" / f"checkpoint-{resume_at}")
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "resumed" / f"checkpoint-{resume_at}"))
+    later = [r for r in whole if r["step"] > resume_at]
+    assert [r["step"] for r in whole] == [6, 12] and [r["step"] for r in resumed] == [r["step"] for r in later]
+    batches = [r["extra"]["streamed_batches"] for r in whole]
+    assert "ekfac" in batches[1] and sum(batches[1].values()) == 6
+    for got, expected in zip(resumed, later):
+        assert got["candidate_mode"] == expected["candidate_mode"] == "stream"
+        assert got["extra"]["streamed_batches"] == expected["extra"]["streamed_batches"]
+        assert got["extra"]["streamed_visits"] == expected["extra"]["streamed_visits"]
+        assert got["candidate_indices"].tolist() == expected["candidate_indices"].tolist()
+        torch.testing.assert_close(torch.as_tensor(got["scores"]), torch.as_tensor(expected["scores"]), rtol=1e-9,
+                                   atol=0)
