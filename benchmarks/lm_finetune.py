@@ -64,13 +64,17 @@ def pretrained() -> dict:
     return gt.cached("lm-pretrained", {"steps": PRETRAIN_STEPS, "seq": SEQ, "version": 1}, compute)
 
 
-def finetune(members: torch.Tensor, seed: int, step_hook: Optional[Callable] = None) -> torch.nn.Module:
+def finetune(members: torch.Tensor, seed: int, step_hook: Optional[Callable] = None,
+             on_model: Optional[Callable[[torch.nn.Module], None]] = None) -> torch.nn.Module:
     """Fine-tune the pretrained model on ``members`` (dataset indices) for `STEPS` optimizer steps.
 
-    ``step_hook(batch, indices, lr, step)`` runs after each optimizer step (the tracker's place).
+    ``on_model(model)`` runs before training (to attach a tracker); ``step_hook(batch, indices, lr,
+    step)`` after each optimizer step (the tracker's place).
     """
     model = gpt2()
     model.load_state_dict(pretrained()["state"])
+    if on_model is not None:
+        on_model(model)
     data = sequences()[1]
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / STEPS)

@@ -165,6 +165,27 @@ def test_lightning_ddp_streamed_scores_equal_one_process(lightning_runs, tmp_pat
 
 
 @pytest.mark.slow
+def test_lightning_ddp_refined_streaming_queries_equal_one_process(lightning_runs, tmp_path):
+    """``refine_steps=3`` under DDP: the streaming queries' conjugate-gradient steps use Gauss-Newton
+    products summed over the ranks (rank r the r-th of every 2 curvature batches), so the streamed
+    scores equal one process's over all batches; and refinement changed them (against the plain
+    ``stream`` run). Tolerance as above."""
+    lightning_ddp = _script("lightning_ddp")
+    reference = lightning_ddp.fit(tmp_path / "single", "single", False, world=1, rank=0, mode="refine",
+                                  candidates="stream")
+    run = torch.load(lightning_runs / "refine.pt", weights_only=False)
+    plain = torch.load(lightning_runs / "stream.pt", weights_only=False)
+    for rank in _ranks(lightning_runs, "refine"):
+        assert (rank["attributions"], rank["failed_attributions"], rank["skipped_batches"]) == (4, 0, 0)
+    order, reference_order = run["candidate_indices"].argsort(), reference["candidate_indices"].argsort()
+    assert run["candidate_indices"][order].tolist() == reference["candidate_indices"][reference_order].tolist()
+    scale = float(reference["scores"].abs().max())
+    torch.testing.assert_close(run["scores"][:, order], reference["scores"][:, reference_order], rtol=1e-3,
+                               atol=1e-3 * scale)
+    assert not torch.allclose(run["scores"], plain["scores"], rtol=1e-2, atol=0)
+
+
+@pytest.mark.slow
 def test_lightning_ddp_statistics_skipped_on_one_rank_only(lightning_runs):
     """Rank 1 refuses its first micro-batch's statistics (NaN loss scale), rank 0 keeps its own,
     and an attribution follows at once: every rank must take the attribution's branch from the

@@ -153,10 +153,13 @@ def test_query_errors_name_the_argument_and_the_formats(tmp_path):
         sft_trainer(tmp_path, InfluenceTrainerCallback(queries=[{"question": 1}], config=config())).train()
 
 
-def test_sfttrainer_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("candidates", ["all", "stream"])
+def test_sfttrainer_resume_continues_exactly(tmp_path, candidates):
+    """Killed after the step-2 save and resumed: the step-4 attribution equals the uninterrupted
+    run's, checkpoint-scored or streamed (queries, preconditioning and sums restored)."""
     def run(out, resume=None):
         callback = InfluenceTrainerCallback(queries=pairs(1, offset=5), config=config(), top_k=3,
-                                            token_sequences=0, candidates="all")
+                                            token_sequences=0, candidates=candidates)
         trainer = sft_trainer(out, callback, learning_rate=1e-2, max_steps=4, per_device_train_batch_size=2,
                               save_strategy="steps", save_steps=2)
         trainer.train(resume_from_checkpoint=resume)
@@ -171,4 +174,7 @@ def test_sfttrainer_resume_continues_exactly(tmp_path):
     for name, value in expected["tracker"]["statistics"].items():
         if isinstance(value, torch.Tensor):
             torch.testing.assert_close(got["tracker"]["statistics"][name], value)
-    torch.testing.assert_close(resumed.session.last_result.scores, whole.session.last_result.scores, rtol=1e-5, atol=0)
+    got, expected = resumed.session.last_result, whole.session.last_result
+    assert got.candidate_mode == expected.candidate_mode == candidates
+    assert got.extra.get("streamed_batches") == expected.extra.get("streamed_batches")
+    torch.testing.assert_close(got.scores, expected.scores, rtol=1e-5, atol=0)

@@ -16,6 +16,9 @@ Fits, one after the other in the same processes:
   training backward (each rank its own examples, gathered at the attribution).
 * ``skip``: rank 1's statistics of its first micro-batch are refused (a NaN loss scale) while
   rank 0's are kept, and an attribution follows at once (every step).
+* ``refine``: as ``stream`` with ``refine_steps=3``: the streaming queries handed the factors of
+  each attribution are refined with Gauss-Newton products summed over the ranks (each rank its
+  share of the curvature batches).
 
 Rank 0 writes ``OUT/<name>.pt`` (summed statistics, factors, last scores, parameters); every rank
 writes ``OUT/<name>_rank<r>.json`` (counters and infl_plugin warnings).
@@ -113,7 +116,8 @@ def fit(root: Path, name: str, logger: Any, world: int, rank: int, mode: str = "
     val_loader = DataLoader(val, batch_size=4)
     skip = mode == "skip"
     callback = InfluenceCallback(
-        config=ip.InfluenceConfig(update_every=1), task=RefuseFirstBatchOn(rank=1) if skip else "classification",
+        config=ip.InfluenceConfig(update_every=1, refine_steps=3 if mode == "refine" else 0, refine_batches=4),
+        task=RefuseFirstBatchOn(rank=1) if skip else "classification",
         queries="val", num_queries=4, candidates=candidates, every_n_steps=1 if skip else 2, top_k=3, progress=False,
         strict=not skip,
     )
@@ -155,7 +159,7 @@ def loggers(root: Path) -> dict[str, Any]:
 def main(out: Path) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     runs = [(name, logger, "compare", "all") for name, logger in loggers(out).items()]
-    runs += [("stream", False, "compare", "stream"), ("skip", False, "skip", "all")]
+    runs += [("stream", False, "compare", "stream"), ("skip", False, "skip", "all"), ("refine", False, "refine", "stream")]
     for name, logger, mode, candidates in runs:
         save_report(out, name, rank, fit(out, name, logger, world, rank, mode, candidates))
 
