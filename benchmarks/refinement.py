@@ -38,7 +38,7 @@ from accuracy import lds_truth, train_model  # noqa: E402
 from common import lm_batches, setup_threads, table, tiny_gpt2, write_section  # noqa: E402
 
 import infl_plugin as ip  # noqa: E402
-from infl_plugin.refine import GaussNewton  # noqa: E402
+from infl_plugin.scoring.refine import GaussNewton  # noqa: E402
 
 HEADING = "Refining the query solve (refinement.py)"
 L2, BATCH, STEPS = 1e-3, 100, (2, 5, 10, 20)

@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import infl_plugin as ip  # noqa: E402
 from hf_causal_lm import HELD_OUT, Collate, passages, query_examples, train_tokenizer  # noqa: E402
-from infl_plugin.candidates import TfidfIndex  # noqa: E402
-from infl_plugin.data import make_loader  # noqa: E402
+from infl_plugin.run.candidates import TfidfIndex  # noqa: E402
+from infl_plugin.run.data import make_loader  # noqa: E402
 
 SIZES = (10, 50, 100, 200, 500, 1000)
 

@@ -3,24 +3,24 @@
 Data flows one way: hooks → statistics → factors → attributor → reporting. See README.md.
 """
 
-from .artifacts import AttributionResult, read_artifacts
-from .attributor import Attributor, PreconditionedQueries, TopK
-from .config import InfluenceConfig
-from .data import AttributionData, build_attribution_data
+from .results.artifacts import AttributionResult, read_artifacts
+from .scoring.attributor import Attributor, PreconditionedQueries, TopK
+from .config.influence import InfluenceConfig
+from .run.data import AttributionData, build_attribution_data
 from .errors import (BatchFormatError, ConfigurationError, FactorsFileError, InfluenceError, InputOrderError,
                      StateFileError)
-from .factors import Factors, LayerFactors
-from .fitting import fit_factors
-from .layers import TrackedLayer, select_layers
-from .memory import MemoryEstimate, estimate_memory
-from .options import AttributionOptions
-from .reporting import Reporter, TensorBoardReporter
-from .schedule import AttributionSchedule, Reason
-from .session import InfluenceSession
-from .streaming import StreamedScores, StreamingScorer
+from .curvature.factors import Factors, LayerFactors
+from .curvature.fitting import fit_factors
+from .curvature.layers import TrackedLayer, select_layers
+from .curvature.memory import MemoryEstimate, estimate_memory
+from .config.options import AttributionOptions
+from .report.tensorboard import Reporter, TensorBoardReporter
+from .run.schedule import AttributionSchedule, Reason
+from .run.session import InfluenceSession
+from .scoring.streaming.scorer import StreamedScores, StreamingScorer
 from .tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
-from .token_report import TokenReporter
-from .tracker import InfluenceTracker
+from .report.token_report import TokenReporter
+from .curvature.tracker import InfluenceTracker
 
 __version__ = "0.1.0"
 

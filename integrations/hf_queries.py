@@ -20,10 +20,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from infl_plugin.data import AttributionData, build_attribution_data
+from infl_plugin.run.data import AttributionData, build_attribution_data
 from infl_plugin.errors import ConfigurationError
-from infl_plugin.options import AttributionOptions
-from infl_plugin.query_formats import (PadCollator, Preparation, PreparedQueries, describe_example, format_error,
+from infl_plugin.config.options import AttributionOptions
+from infl_plugin.run.query_formats import (PadCollator, Preparation, PreparedQueries, describe_example, format_error,
                                        pad_token_id, prepare_queries)
 from infl_plugin.tasks import CausalLMTask, Task
 

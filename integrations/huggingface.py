@@ -51,16 +51,16 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from infl_plugin.config import InfluenceConfig, resolve_config
+from infl_plugin.config.influence import InfluenceConfig, resolve_config
 from infl_plugin.errors import ConfigurationError
-from infl_plugin.indices import BatchIndexRecorder
-from infl_plugin.options import AttributionOptions, resolve_options
-from infl_plugin.query_formats import ACCEPTED_FORMATS, as_rows, readable_renderer
-from infl_plugin.schedule import Reason
-from infl_plugin.session import InfluenceSession
+from infl_plugin.run.indices import BatchIndexRecorder
+from infl_plugin.config.options import AttributionOptions, resolve_options
+from infl_plugin.run.query_formats import ACCEPTED_FORMATS, as_rows, readable_renderer
+from infl_plugin.run.schedule import Reason
+from infl_plugin.run.session import InfluenceSession
 from infl_plugin.serialization import load_state, save_state, state_path as _state_path
 from infl_plugin.tasks import CausalLMTask, ClassificationTask, Task
-from infl_plugin.token_report import TokenReporter
+from infl_plugin.report.token_report import TokenReporter
 
 from .hf_inputs import MAX_PENDING, MicroBatch, TrainerLossScale, TrainingInputs, model_loss
 from .hf_queries import refuse_packed_batches, trainer_attribution_data

@@ -46,14 +46,14 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from infl_plugin.config import InfluenceConfig, plain_fields, reject_unknown_fields, resolve_config
-from infl_plugin.data import build_attribution_data
+from infl_plugin.config.influence import InfluenceConfig, plain_fields, reject_unknown_fields, resolve_config
+from infl_plugin.run.data import build_attribution_data
 from infl_plugin.errors import ConfigurationError
-from infl_plugin.indices import BatchIndexRecorder
-from infl_plugin.options import AttributionOptions, resolve_options
-from infl_plugin.reporting import TensorBoardReporter
-from infl_plugin.schedule import Reason
-from infl_plugin.session import InfluenceSession
+from infl_plugin.run.indices import BatchIndexRecorder
+from infl_plugin.config.options import AttributionOptions, resolve_options
+from infl_plugin.report.tensorboard import TensorBoardReporter
+from infl_plugin.run.schedule import Reason
+from infl_plugin.run.session import InfluenceSession
 from infl_plugin.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
 
 TASKS = {"classification": ClassificationTask, "regression": RegressionTask, "causal_lm": CausalLMTask}

@@ -23,9 +23,9 @@ from transformers.utils import logging as hf_logging
 
 import infl_plugin as ip
 from models import byte_tokenizer, feature_data
-from infl_plugin.artifacts import read_artifacts
-from infl_plugin.candidates import TfidfIndex, select_candidates
-from infl_plugin.indices import BatchIndexRecorder
+from infl_plugin.results.artifacts import read_artifacts
+from infl_plugin.run.candidates import TfidfIndex, select_candidates
+from infl_plugin.run.indices import BatchIndexRecorder
 from infl_plugin.integrations.huggingface import InfluenceTrainerCallback
 from infl_plugin.integrations.lightning import InfluenceCallback, InfluenceCallbackConfig
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import infl_plugin as ip
-from infl_plugin.artifacts import read_artifacts
+from infl_plugin.results.artifacts import read_artifacts
 
 SCRIPTS = Path(__file__).resolve().parent / "ddp_scripts"
 TIMEOUT_S = 300  # a healthy 2-process run takes 10-40 s on 2 cores; a deadlock never ends

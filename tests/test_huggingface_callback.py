@@ -25,15 +25,15 @@ from transformers import (BertConfig, BertForSequenceClassification, GPT2Config,
 from transformers.utils import logging as hf_logging
 
 import infl_plugin as ip
-from infl_plugin.artifacts import read_artifacts
-from infl_plugin.fitting import accumulate, new_statistics
-from infl_plugin.hooks import LayerHooks
+from infl_plugin.results.artifacts import read_artifacts
+from infl_plugin.curvature.fitting import accumulate, new_statistics
+from infl_plugin.curvature.hooks import LayerHooks
 from infl_plugin.errors import ConfigurationError, StateFileError
 from infl_plugin.integrations.huggingface import (MAX_PENDING, InfluenceTrainerCallback, TrainerLossScale, load_state,
                                                  tensorboard_logdir)
-from infl_plugin.passes import isolated
-from infl_plugin.data import make_loader
-from infl_plugin.token_views import token_views
+from infl_plugin.curvature.passes import isolated
+from infl_plugin.run.data import make_loader
+from infl_plugin.results.token_views import token_views
 from models import byte_tokenizer
 
 hf_logging.set_verbosity_error()

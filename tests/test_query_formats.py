@@ -16,9 +16,9 @@ from transformers.utils import logging as hf_logging
 import infl_plugin as ip
 from infl_plugin.errors import ConfigurationError
 from infl_plugin.integrations.huggingface import InfluenceTrainerCallback
-from infl_plugin.query_formats import (PadCollator, Preparation, TokenTextRenderer, as_rows, prepare_queries,
+from infl_plugin.run.query_formats import (PadCollator, Preparation, TokenTextRenderer, as_rows, prepare_queries,
                                        query_format)
-from infl_plugin.reporting import make_renderer
+from infl_plugin.report.tensorboard import make_renderer
 from models import byte_tokenizer
 
 hf_logging.disable_progress_bar()
@@ -34,7 +34,7 @@ def scored_text(example: dict) -> str:
 
 
 def test_the_core_imports_without_transformers():
-    code = "import sys; sys.modules['transformers'] = None; import infl_plugin.query_formats"
+    code = "import sys; sys.modules['transformers'] = None; import infl_plugin.run.query_formats"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

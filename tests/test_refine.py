@@ -29,10 +29,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, TensorDataset
 
 import infl_plugin as ip
-from infl_plugin.data import AttributionData, DatasetSource
-from infl_plugin.job import AttributionJob
-from infl_plugin.options import AttributionOptions
-from infl_plugin.refine import GaussNewton, evenly_spaced_batches
+from infl_plugin.run.data import AttributionData, DatasetSource
+from infl_plugin.run.job import AttributionJob
+from infl_plugin.config.options import AttributionOptions
+from infl_plugin.scoring.refine import GaussNewton, evenly_spaced_batches
 
 DTYPE = torch.float64
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import infl_plugin as ip
-from infl_plugin.memory import estimate_memory
+from infl_plugin.curvature.memory import estimate_memory
 
 from models import ImageNet, collate, image_data, loader
 from reference import dense_fisher

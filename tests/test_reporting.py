@@ -14,14 +14,14 @@ from torch.utils.tensorboard import SummaryWriter
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import infl_plugin as ip
-from infl_plugin.artifacts import AttributionResult, read_artifacts, write_artifact
-from infl_plugin.history import InfluenceHistory, jaccard
-from infl_plugin.reporting import (
+from infl_plugin.results.artifacts import AttributionResult, read_artifacts, write_artifact
+from infl_plugin.report.history import InfluenceHistory, jaccard
+from infl_plugin.report.tensorboard import (
     ImageRenderer, Rendered, Reporter, TensorBoardReporter, TextRenderer, ccdf, depth_bins, escape_markdown,
     layer_shares, make_renderer, markdown_cell, signed_log_scores, tail_exponent,
 )
-from infl_plugin.token_report import TokenReporter
-from infl_plugin.token_views import TokenViews
+from infl_plugin.report.token_report import TokenReporter
+from infl_plugin.results.token_views import TokenViews
 from tensorboard.plugin_util import markdown_to_safe_html
 
 

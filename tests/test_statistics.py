@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import infl_plugin as ip
-from infl_plugin.fitting import accumulate, new_statistics
-from infl_plugin.hooks import LayerHooks
-from infl_plugin.passes import isolated
+from infl_plugin.curvature.fitting import accumulate, new_statistics
+from infl_plugin.curvature.hooks import LayerHooks
+from infl_plugin.curvature.passes import isolated
 
 from models import ImageNet, SeqNet, example_loss, image_data, loader, sequence_data
 from reference import dense_fisher, per_example_gradients

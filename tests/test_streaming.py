@@ -25,9 +25,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import infl_plugin as ip
-from infl_plugin.attributor import QueryLayer, contract
-from infl_plugin.hooks import Capture
-from infl_plugin.layers import TrackedLayer
+from infl_plugin.scoring.attributor import QueryLayer, contract
+from infl_plugin.curvature.hooks import Capture
+from infl_plugin.curvature.layers import TrackedLayer
 from infl_plugin.tasks import IGNORE_INDEX
 
 from models import loader
@@ -528,7 +528,7 @@ def test_attributions_hand_their_factors_to_the_streaming_queries():
 def test_the_eigenvalue_pass_of_an_attribution_reads_a_bounded_spaced_subset():
     """Without ``max_fit_batches`` an attribution's eigenvalue pass reads at most
     ``EIGENVALUE_EXAMPLES`` evenly spaced candidates (never an epoch); with it, the candidates."""
-    from infl_plugin.data import EIGENVALUE_EXAMPLES, eigenvalue_loader, spaced_indices
+    from infl_plugin.run.data import EIGENVALUE_EXAMPLES, eigenvalue_loader, spaced_indices
 
     items = list(range(3000))
     candidates = torch.utils.data.DataLoader(items, batch_size=100)

@@ -15,11 +15,11 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import infl_plugin as ip
-from infl_plugin.artifacts import AttributionResult
-from infl_plugin.reporting import escape_markdown
-from infl_plugin.token_report import (clip_token, layer_figure, layer_groups, layer_heatmap_figure,
+from infl_plugin.results.artifacts import AttributionResult
+from infl_plugin.report.tensorboard import escape_markdown
+from infl_plugin.report.token_report import (clip_token, layer_figure, layer_groups, layer_heatmap_figure,
                                       strip_common_prefix, token_figure, token_heatmap_figure)
-from infl_plugin.token_views import (TokenViews, decode_tokens, mark_tokens_markdown, result_token_views,
+from infl_plugin.results.token_views import (TokenViews, decode_tokens, mark_tokens_markdown, result_token_views,
                                      token_views, top_token_positions)
 
 from reference import layer_matrix_grad

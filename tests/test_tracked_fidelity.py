@@ -20,7 +20,7 @@ from torch import nn
 
 import infl_plugin as ip
 from infl_plugin.errors import ConfigurationError
-from infl_plugin.subsample import ExampleSubsample
+from infl_plugin.curvature.subsample import ExampleSubsample
 
 RTOL, ATOL = 1e-10, 1e-12
 
@@ -197,7 +197,7 @@ def test_statistics_fraction_takes_the_statistics_of_the_drawn_rows_only():
 def test_example_subsample_shares_rows_across_layers_of_a_step():
     seen = []
     sink = ExampleSubsample(seen.append, 0.5, seed=0)
-    from infl_plugin.hooks import Capture
+    from infl_plugin.curvature.hooks import Capture
 
     a, g = torch.randn(6, 1, 4), torch.randn(6, 1, 3)
     for _ in range(2):
@@ -230,7 +230,7 @@ def test_eigenbasis_refresh_waits_for_min_statistics_steps_and_fewer_warn(caplog
     assert tracker.eigenvalue_steps == 2
     with pytest.warns(UserWarning, match="min_statistics_steps=3"):
         tracked = tracker.factors()
-    with caplog.at_level("INFO", logger="infl_plugin.tracker"):
+    with caplog.at_level("INFO", logger="infl_plugin.curvature.tracker"):
         refit = tracker.factors(loader=data)
     assert "bounded eigenvalue pass" in caplog.text
     tracker.close()

@@ -18,14 +18,14 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import infl_plugin as ip  # noqa: E402
-from infl_plugin.data import make_loader  # noqa: E402
+from infl_plugin.run.data import make_loader  # noqa: E402
 from infl_plugin.errors import ConfigurationError  # noqa: E402
-from infl_plugin.fitting import accumulate, new_statistics  # noqa: E402
-from infl_plugin.hooks import LayerHooks  # noqa: E402
+from infl_plugin.curvature.fitting import accumulate, new_statistics  # noqa: E402
+from infl_plugin.curvature.hooks import LayerHooks  # noqa: E402
 from infl_plugin.integrations.huggingface import InfluenceTrainerCallback, load_state  # noqa: E402
 from infl_plugin.integrations.hf_queries import trainer_preparation  # noqa: E402
-from infl_plugin.passes import isolated  # noqa: E402
-from infl_plugin.query_formats import PadCollator, prepare_queries  # noqa: E402
+from infl_plugin.curvature.passes import isolated  # noqa: E402
+from infl_plugin.run.query_formats import PadCollator, prepare_queries  # noqa: E402
 from models import byte_tokenizer  # noqa: E402
 
 try:

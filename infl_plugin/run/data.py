@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from .candidates import dataset_documents, select_candidates
-from .config import InfluenceConfig
-from .options import AttributionOptions
+from ..config.influence import InfluenceConfig
+from ..config.options import AttributionOptions
 
 EIGENVALUE_EXAMPLES = 1024
 

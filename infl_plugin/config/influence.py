@@ -18,8 +18,8 @@ from typing import Any, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigurationError
-from .layers import SUPPORTED_TYPES
+from ..errors import ConfigurationError
+from ..curvature.layers import SUPPORTED_TYPES
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 FISHERS = ("empirical", "sampled")

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 
-from .reporting import escape_markdown
+from ..report.tensorboard import escape_markdown
 
 if TYPE_CHECKING:
     from .artifacts import AttributionResult
-    from .attributor import Attributor, PreconditionedQueries
+    from ..scoring.attributor import Attributor, PreconditionedQueries
 
 _SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
 

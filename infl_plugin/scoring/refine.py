@@ -48,10 +48,10 @@ from torch.func import functional_call, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, IterableDataset
 
-from .factors import Factors, LayerFactors
-from .layers import TrackedLayer
-from .passes import model_device
-from .tasks import Task, move_to_device
+from ..curvature.factors import Factors, LayerFactors
+from ..curvature.layers import TrackedLayer
+from ..curvature.passes import model_device
+from ..tasks import Task, move_to_device
 
 Vectors = dict[str, torch.Tensor]  # layer name → ``[Q, d_out, d_in]``
 

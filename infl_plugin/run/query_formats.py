@@ -30,8 +30,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .errors import ConfigurationError
-from .reporting import Rendered, Renderer, TextRenderer, make_renderer
+from ..errors import ConfigurationError
+from ..report.tensorboard import Rendered, Renderer, TextRenderer, make_renderer
 
 IGNORE_INDEX = -100
 ACCEPTED_FORMATS = (

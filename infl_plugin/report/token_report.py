@@ -23,9 +23,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .artifacts import AttributionResult
-from .reporting import ExampleSource, TensorBoardReporter, TextRenderer
-from .token_views import TokenViews, format_score, visible_token
+from ..results.artifacts import AttributionResult
+from .tensorboard import ExampleSource, TensorBoardReporter, TextRenderer
+from ..results.token_views import TokenViews, format_score, visible_token
 
 
 # ------------------------------------------------------------------------------------ layers

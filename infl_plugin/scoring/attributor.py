@@ -24,14 +24,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
-from .config import InfluenceConfig
-from .errors import ConfigurationError, InputOrderError
-from .factors import Factors, LayerFactors
-from .hooks import Capture, LayerHooks
-from .layers import select_layers
-from .passes import backward_pass, isolated, model_device
+from ..config.influence import InfluenceConfig
+from ..errors import ConfigurationError, InputOrderError
+from ..curvature.factors import Factors, LayerFactors
+from ..curvature.hooks import Capture, LayerHooks
+from ..curvature.layers import select_layers
+from ..curvature.passes import backward_pass, isolated, model_device
 from .refine import query_refiner
-from .tasks import Task, move_to_device
+from ..tasks import Task, move_to_device
 
 
 @dataclass

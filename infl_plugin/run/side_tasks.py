@@ -14,8 +14,8 @@ from typing import Iterator
 
 import torch
 
-from .passes import forked_rng
-from .tracker import InfluenceTracker
+from ..curvature.passes import forked_rng
+from ..curvature.tracker import InfluenceTracker
 
 WARN_FIRST_BATCHES = 5  # skipped micro-batches warned about one by one; then every 100th
 

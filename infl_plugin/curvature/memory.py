@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from .config import InfluenceConfig
+from ..config.influence import InfluenceConfig
 from .layers import TrackedLayer
 
 _FLOAT64 = 8

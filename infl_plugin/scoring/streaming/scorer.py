@@ -27,9 +27,9 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from .attributor import PreconditionedQueries, QueryLayer, contract
-from .hooks import Capture
-from .layers import TrackedLayer
+from ..attributor import PreconditionedQueries, QueryLayer, contract
+from ...curvature.hooks import Capture
+from ...curvature.layers import TrackedLayer
 
 Scalar = Union[float, torch.Tensor]
 PRECONDITIONINGS = ("identity", "diagonal", "kfac", "ekfac")

@@ -54,17 +54,17 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .attributor import Attributor
-from .config import InfluenceConfig
+from ..scoring.attributor import Attributor
+from ..config.influence import InfluenceConfig
 from .factors import Factors, compute_factors, eigenbases
 from .fitting import accumulate, new_statistics
 from .hooks import LayerHooks, fan_out
 from .layers import select_layers
 from .passes import backward_pass, isolated, model_device
 from .statistics import CurvatureStatistics
-from .streaming import StreamedScores, StreamingScorer
+from ..scoring.streaming.scorer import StreamedScores, StreamingScorer
 from .subsample import ExampleSubsample
-from .tasks import Task
+from ..tasks import Task
 
 logger = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, List, Optional
 
-from .candidates import DEFAULT_CANDIDATES, check_candidates
-from .config import _KnownFields, plain_fields, reject_unknown_fields
-from .errors import ConfigurationError
-from .reporting import RENDERERS
+from ..run.candidates import DEFAULT_CANDIDATES, check_candidates
+from .influence import _KnownFields, plain_fields, reject_unknown_fields
+from ..errors import ConfigurationError
+from ..report.tensorboard import RENDERERS
 
 DEPRECATED_NAMES = {"on_save": "attribute_on_save", "on_evaluate": "attribute_on_evaluate",
                     "at_train_end": "attribute_at_train_end", "max_candidates": "num_candidates"}

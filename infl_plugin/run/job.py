@@ -20,16 +20,16 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .artifacts import AttributionResult
-from .attributor import Attributor, PreconditionedQueries
-from .config import InfluenceConfig
+from ..results.artifacts import AttributionResult
+from ..scoring.attributor import Attributor, PreconditionedQueries
+from ..config.influence import InfluenceConfig
 from .data import AttributionData
-from .factors import Factors
-from .options import AttributionOptions
-from .reporting import layer_shares, tail_exponent
-from .streaming import StreamedScores
-from .tasks import Task
-from .token_views import result_token_views
+from ..curvature.factors import Factors
+from ..config.options import AttributionOptions
+from ..report.tensorboard import layer_shares, tail_exponent
+from ..scoring.streaming.scorer import StreamedScores
+from ..tasks import Task
+from ..results.token_views import result_token_views
 
 
 class AttributionJob:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .passes import isolated
-from .tasks import Task
+from ..tasks import Task
 
 TOLERANCE = 1.5  # factor within which a measured ratio counts as the mean or the sum
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 SUPPORTED_TYPES = ("Linear", "Conv1D", "Conv2d")
 

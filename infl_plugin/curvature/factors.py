@@ -24,10 +24,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import InfluenceConfig
-from .errors import ConfigurationError, FactorsFileError
+from ..config.influence import InfluenceConfig
+from ..errors import ConfigurationError, FactorsFileError
 from .layers import TrackedLayer
-from .serialization import replace_atomically
+from ..serialization import replace_atomically
 from .statistics import CurvatureStatistics
 
 FORMAT_VERSION = 1

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import numpy as np
 import torch
 
-from .serialization import replace_atomically
+from ..serialization import replace_atomically
 
 if TYPE_CHECKING:
     from .token_views import TokenViews

@@ -51,23 +51,23 @@ from typing import Any, Callable, ContextManager, Iterable, Optional, Sequence, 
 import torch
 from torch import nn
 
-from .artifacts import AttributionResult, write_artifact
-from .attributor import Attributor, PreconditionedQueries
-from .config import InfluenceConfig
+from ..results.artifacts import AttributionResult, write_artifact
+from ..scoring.attributor import Attributor, PreconditionedQueries
+from ..config.influence import InfluenceConfig
 from .data import AttributionData, DatasetSource, eigenvalue_loader
-from .factors import Factors
+from ..curvature.factors import Factors
 from .job import AttributionJob
-from .loss_reduction import LossReduction
-from .options import AttributionOptions, resolve_options
-from .refine import register_curvature_data
-from .reporting import Reporter
+from ..curvature.loss_reduction import LossReduction
+from ..config.options import AttributionOptions, resolve_options
+from ..scoring.refine import register_curvature_data
+from ..report.tensorboard import Reporter
 from .schedule import AttributionSchedule, Reason
-from .serialization import clone_state
+from ..serialization import clone_state
 from .side_tasks import SideTaskPolicy
-from .statistics import CurvatureStatistics
-from .streaming import StreamedScores
-from .tasks import Task
-from .tracker import InfluenceTracker
+from ..curvature.statistics import CurvatureStatistics
+from ..scoring.streaming.scorer import StreamedScores
+from ..tasks import Task
+from ..curvature.tracker import InfluenceTracker
 
 logger = logging.getLogger("infl_plugin")
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .hooks import LayerHooks, Sink
-from .tasks import Task
+from ..tasks import Task
 
 
 @contextmanager

@@ -56,7 +56,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence, Union, runtime_c
 import numpy as np
 import torch
 
-from .artifacts import AttributionResult
+from ..results.artifacts import AttributionResult
 from .figures import (HARMFUL_COLOR, HELPFUL_COLOR, Section, Tile, ccdf_figure, grid_figure, history_figure,
                       layer_depth_figure, layer_shares_figure)
 from .history import InfluenceHistory

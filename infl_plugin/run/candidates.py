@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 CANDIDATE_MODES = ("stream", "all", "tfidf", "random")
 DEFAULT_CANDIDATES = "stream"

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Optional, Union
 
-from .errors import ConfigurationError
-from .options import AttributionOptions
+from ..errors import ConfigurationError
+from ..config.options import AttributionOptions
 
 
 class Reason(str, Enum):

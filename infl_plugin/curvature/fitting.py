@@ -9,14 +9,14 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from .config import InfluenceConfig
+from ..config.influence import InfluenceConfig
 from .factors import Factors, compute_factors, eigenbases
 from .hooks import LayerHooks
 from .layers import TrackedLayer, select_layers
 from .memory import estimate_memory
 from .passes import backward_pass, isolated, model_device
 from .statistics import CurvatureStatistics
-from .tasks import Task, move_to_device
+from ..tasks import Task, move_to_device
 
 
 def fit_factors(model: nn.Module, task: Task, loader: Iterable, config: Optional[InfluenceConfig] = None) -> Factors:

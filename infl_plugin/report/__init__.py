@@ -1,0 +1,1 @@
+"""Pure sinks of results: the `Reporter` protocol, renderers, Markdown, figures, history, TensorBoard."""

@@ -1,0 +1,1 @@
+"""What an attribution produced, as plain data (`AttributionResult`, `TokenViews`), and its files."""

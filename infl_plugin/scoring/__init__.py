@@ -1,0 +1,1 @@
+"""Scores from factors: preconditioned queries, the contraction kernel, `Attributor`, streaming, analysis."""

@@ -1,0 +1,1 @@
+"""Scores streamed from the training backward: the scorer (a hook sink) and its results."""
