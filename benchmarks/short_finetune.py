@@ -7,9 +7,10 @@ refreshes run passes that another tracker's hooks would see; training itself is 
 run, checked). Each step's streamed scores are read separately, so the same run gives every way of
 combining an example's visits:
 
-* ``sum``: the sum over all of an example's visits (what the scorer accumulates);
-* ``last``: the example's latest visit only, scored against the queries of that moment;
-* ``sum, preconditioned visits``: the sum over the visits scored with curvature.
+* ``kept``: what one attribution at the end reads: the sum over the visits scored with the run's
+  best preconditioning (the scorer drops its sums when better-preconditioned queries arrive);
+* ``all``: the sum over every visit alike, whatever its queries' preconditioning;
+* ``last``: the example's latest visit only, scored against the queries of that moment.
 
 Side by side: checkpoint EK-FAC at the final weights (`fit_factors`, and the tracker's own factors
 read as an attribution reads them) and plain gradient dot products at the final weights.
@@ -34,20 +35,21 @@ import lm_finetune as lm  # noqa: E402
 from common import machine, setup_threads, table, write_section  # noqa: E402
 
 import infl_plugin as ip  # noqa: E402
+from infl_plugin.scoring.streaming.scorer import RANK  # noqa: E402
 
 SETTINGS = {
     "defaults": {},
     "update_every=1": {"update_every": 1},
-    "update_every=1, stream_refresh_every=25": {"update_every": 1, "stream_refresh_every": 25},
-    "update_every=1, stream_refresh_every=10, min_statistics_steps=8":
-        {"update_every": 1, "stream_refresh_every": 10, "min_statistics_steps": 8},
+    "update_every=1, min_statistics_steps=8": {"update_every": 1, "min_statistics_steps": 8},
+    "half_life_fraction=0.2": {"half_life_fraction": 0.2},
+    "strategy=kfac": {"strategy": "kfac"},
+    "defaults, stream_refresh_every=None (refreshed only when better factors exist)": {"stream_refresh_every": None},
 }
-
 
 def streamed_run(overrides: dict) -> tuple[torch.nn.Module, list, ip.InfluenceTracker]:
     """The full-data fine-tune with a streaming tracker; per step ``(step, StreamedScores)``."""
     task = ip.CausalLMTask()
-    config = ip.InfluenceConfig(strategy="ekfac", fisher="empirical", **overrides)
+    config = ip.InfluenceConfig(**{"strategy": "ekfac", "fisher": "empirical", **overrides})
     holder: dict = {}
     steps: list = []
 
@@ -71,9 +73,10 @@ def combine(steps: list, how: str) -> tuple[torch.Tensor, dict]:
     """Scores ``[Q, N]`` from per-step streamed scores, and the visits kept by preconditioning."""
     scores = torch.zeros(lm.N_QUERY, lm.N_TRAIN, dtype=torch.float64)
     kept: dict[str, int] = {}
+    best = max(RANK[next(iter(s.batches), "identity")] for _, s in steps)
     for _, streamed in steps:
         kind = next(iter(streamed.batches), "identity")
-        if how == "sum, preconditioned visits" and kind == "identity":
+        if how == "kept" and RANK[kind] != best:
             continue
         dense = streamed.dense(lm.N_TRAIN)
         seen = streamed.indices
@@ -116,8 +119,8 @@ def main() -> None:
             warnings.simplefilter("ignore")
             tracked = ip.Attributor(model, task, tracker.factors(loader=batches), tracker.config)
             value = gt.lds(tracked.pairwise_scores(lm.query_batches(), batches), truth)
-        rows.append([f"checkpoint EK-FAC, tracked factors ({name})", "-", f"{value:.3f}", f"{value / checkpoint:.2f}", ""])
-        for how in ("sum", "last", "sum, preconditioned visits"):
+        rows.append([f"checkpoint, tracked factors ({name})", "-", f"{value:.3f}", f"{value / checkpoint:.2f}", ""])
+        for how in ("kept", "all", "last"):
             scores, kept = combine(steps, how)
             value = gt.lds(scores, truth)
             rows.append([f"streamed ({name})", how, f"{value:.3f}", f"{value / checkpoint:.2f}",

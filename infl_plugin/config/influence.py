@@ -77,14 +77,17 @@ class InfluenceConfig(metaclass=_KnownFields):
         stream_every: with streaming queries set (see `InfluenceTracker`), score the examples of
             every n-th optimizer step from its training backward; n > 1 trades coverage (examples
             trained on at other steps get no score from that visit) for overhead.
-        stream_refresh_every: re-differentiate and re-precondition the streaming queries every n
-            optimizer steps, at the current parameters with the current factors (one query pass
-            each plus the preconditioning: 1.7 s for 16 full-rank queries on the small GPT-2 of
-            benchmarks/streaming.py, 42 s for rank-32 queries at width 1024, whose exact truncated
-            SVD dominates). Default 200: a few percent of training for a few full-rank queries;
-            refreshing every step, every 10 or every 50 steps measured about the same fidelity, and
-            an `InfluenceSession` (the callbacks) also refreshes them at every attribution. ``None``: only when the queries
-            are set or `InfluenceTracker.refresh_queries` is called (no automatic refresh at all).
+        stream_refresh_every: the longest interval, in optimizer steps, between refreshes of the
+            streaming queries (re-differentiated and re-preconditioned at the current parameters
+            with the best factors available). Early in a run the intervals double from one step
+            (refreshes at steps 1, 2, 4, 8, …) up to this cap, so a 100-step fine-tune streams with
+            curvature from its first steps and a long run pays a handful of extra refreshes. Each
+            costs one query pass plus the preconditioning (1.7 s for 16 full-rank queries on the
+            small GPT-2 of benchmarks/streaming.py, 42 s for rank-32 queries at width 1024, whose
+            exact truncated SVD dominates). Default 200: a few percent of training for a few
+            full-rank queries; an `InfluenceSession` (the callbacks) also refreshes them at every
+            attribution. ``None``: only when the queries are set or
+            `InfluenceTracker.refresh_queries` is called (no automatic refresh at all).
         stream_weight: per-step weight of streamed scores. ``"none"`` sums an example's scores
             over its visits (the influence of the example at the times it was trained on);
             ``"lr"`` multiplies each step's scores by the learning rate the caller passes as

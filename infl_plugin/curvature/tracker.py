@@ -34,12 +34,17 @@ Streaming attribution (``queries=`` or `set_queries`): the same training backwar
 every example of the micro-batch against the queries' preconditioned gradients (see
 `streaming`); `step` takes the examples' dataset indices, and `streamed_scores` returns each
 example's influence at the times it was trained on, summed over its visits. The queries are
-re-preconditioned every ``stream_refresh_every`` optimizer steps at the current parameters with
-the current factors of the configured strategy, and at once when those first become available.
-Until then the queries are not preconditioned (plain gradient dot products); with EK-FAC and no
-eigenbasis yet, the first due refresh sets one (`refresh_eigenbasis`) and EK-FAC takes over once
-``min_statistics_steps`` statistics steps have accumulated eigenvalues in it. K-FAC is deliberately not an intermediate fallback: with covariances
-averaged over the run its streamed scores measured far worse than EK-FAC's (benchmarks/streaming.py).
+re-preconditioned at the current parameters with the best factors available: at optimizer steps
+1, 2, 4, 8, … (each interval as long as the run before it, so a short run follows its curvature
+from the start), then every ``stream_refresh_every`` steps, and at once when better factors
+become available. With EK-FAC the queries are K-FAC-preconditioned (the covariances alone,
+available from the first statistics step) until ``min_statistics_steps`` statistics steps have
+accumulated eigenvalues in an eigenbasis (the first due refresh sets one, `refresh_eigenbasis`),
+then EK-FAC. Sums never mix preconditionings: when better-preconditioned queries arrive the
+scorer drops the sums so far (`superseded_batches` counts them), since early visits scored with
+worse queries dominated the sums (digits MLP: 0.47 LDS mixed against 0.65 superseded; a 100-step
+LM fine-tune streams with K-FAC at 0.9× checkpoint EK-FAC: benchmarks/streaming.py and
+benchmarks/short_finetune.py).
 `StreamedScores.batches` says which preconditioning scored how many micro-batches.
 """
 
@@ -62,7 +67,7 @@ from .hooks import LayerHooks, fan_out
 from .layers import select_layers
 from .passes import backward_pass, isolated, model_device
 from .statistics import CurvatureStatistics
-from ..scoring.streaming.scorer import StreamedScores, StreamingScorer
+from ..scoring.streaming.scorer import RANK, StreamedScores, StreamingScorer
 from .subsample import ExampleSubsample
 from ..tasks import Task
 
@@ -314,31 +319,34 @@ class InfluenceTracker:
         return self._queries is not None
 
     def _ready(self) -> str:
-        """The preconditioning the statistics allow now: the configured strategy once its factors
-        exist (EK-FAC: an eigenbasis with eigenvalues from ``max(1, min_statistics_steps)``
-        statistics steps), else the strategy of factors given to `refresh_queries` (an
-        attribution's), else ``"identity"``. Read from counters equal on every process, so the
+        """The best preconditioning available now: the tracker's own (`_own_ready`) or that of
+        the factors given to `refresh_queries` (an attribution's), whichever ranks higher in
+        identity < diagonal < K-FAC < EK-FAC. Read from counters equal on every process, so the
         collectives it leads to are entered by all of them."""
         own = self._own_ready()
-        if own == "identity" and self._given_factors is not None:
-            return self._given_factors.strategy
-        return own
+        given = None if self._given_factors is None else self._given_factors.strategy
+        return given if given is not None and RANK[given] > RANK[own] else own
 
     def _own_ready(self) -> str:
+        """The configured strategy once its factors exist; EK-FAC needs an eigenbasis with
+        eigenvalues from ``max(1, min_statistics_steps)`` statistics steps and until then falls
+        back to K-FAC (the covariances alone: available from the first statistics step, so a short
+        run streams with curvature almost from its start); ``"identity"`` before any statistics."""
         strategy = self.config.strategy
-        if self.statistics is None or strategy == "identity":
+        if self.statistics is None or strategy == "identity" or self.updates == 0:
             return "identity"
         if strategy == "ekfac":
             enough = self.eigenvalue_steps >= max(1, self.config.min_statistics_steps)
-            return "ekfac" if self.statistics.bases is not None and enough else "identity"
-        return strategy if self.updates > 0 else "identity"
+            return "ekfac" if self.statistics.bases is not None and enough else "kfac"
+        return strategy
 
     def _streaming_factors(self) -> tuple[Factors, str]:
-        """Factors for `_ready`'s strategy from the statistics summed over processes (identity when
-        the sums lack them, e.g. every batch so far was skipped)."""
-        used = self._own_ready()
-        if used == "identity" and self._given_factors is not None:
-            return self._given_factors, self._given_factors.strategy
+        """Factors for `_ready`'s preconditioning: the given ones, or the tracker's own from the
+        statistics summed over processes (identity when the sums lack them, e.g. every batch so
+        far was skipped)."""
+        used = self._ready()
+        if self._given_factors is not None and used == self._given_factors.strategy != self._own_ready():
+            return self._given_factors, used
         if used != "identity":
             reduced = self.statistics.reduced()
             complete = reduced.has_covariances if used == "kfac" else reduced.has_eigenvalues
@@ -348,23 +356,25 @@ class InfluenceTracker:
         return compute_factors(None, self.layers, replace(self.config, strategy=used)), used
 
     def _maybe_refresh_queries(self) -> None:
-        """After an optimizer step, when the next step streams: refresh the queries every
-        ``stream_refresh_every`` steps, and at once when better factors than the queries' became
-        available (never downgrading preconditioned queries to identity while the eigenvalues of a
-        new eigenbasis accumulate). With EK-FAC and no eigenbasis yet, the first due refresh
-        eigendecomposes the covariances so far (`refresh_eigenbasis`) so that EK-FAC eigenvalues
-        start accumulating without waiting for an attribution."""
+        """After an optimizer step, when the next step streams: refresh the queries when the
+        interval since the last refresh reaches the step of that refresh (the intervals double
+        from one step: steps 1, 2, 4, 8, …, so a short run's queries follow its parameters and
+        curvature from the start) capped at ``stream_refresh_every``, and at once when better
+        factors than the queries' became available (never downgrading, e.g. to K-FAC while the
+        eigenvalues of a new eigenbasis accumulate). With EK-FAC and no eigenbasis yet, the first
+        due refresh eigendecomposes the covariances so far (`refresh_eigenbasis`) so that EK-FAC
+        eigenvalues start accumulating without waiting for an attribution."""
         every = self.config.stream_refresh_every
         if self._queries is None or every is None or not self.streaming:
             return
-        interval = self.optimizer_steps - self._last_query_refresh >= every
+        interval = self.optimizer_steps - self._last_query_refresh >= min(every, max(1, self._last_query_refresh))
         try:
             if interval and self.config.strategy == "ekfac" and self.statistics.bases is None and self.updates > 0:
                 self.refresh_eigenbasis()
-            ready, current = self._ready(), self.scorer.preconditioning
-            if ready == "identity" and current != "identity":
+            ready, current = self._ready(), self.scorer.preconditioning or "identity"
+            if RANK[ready] < RANK[current]:
                 return
-            if interval or (current == "identity" and ready != "identity"):
+            if interval or RANK[ready] > RANK[current]:
                 self.refresh_queries()
         except Exception as error:  # noqa: BLE001 - a side task must never break training
             self.failed_query_refreshes += 1
@@ -404,6 +414,13 @@ class InfluenceTracker:
                           "were dropped", stacklevel=2)
             self._dropped_warned = dropped
         return self.scorer.result().gather()
+
+    @property
+    def superseded_batches(self) -> dict[str, int]:
+        """Streamed micro-batches of this process dropped since `reset_stream`, by their queries'
+        preconditioning, because better-preconditioned queries replaced those (see
+        `StreamingScorer.set_queries`)."""
+        return dict(self.scorer.superseded_batches)
 
     def reset_stream(self) -> None:
         """Forget the streamed scores (the queries stay)."""
@@ -532,7 +549,7 @@ class InfluenceTracker:
                 self.statistics.reset(covariances=True, eigenvalues=True)
         if not sums and state.get("stream") is not None:
             state = dict(state, stream=dict(state["stream"], indices=torch.zeros(0, dtype=torch.long), batches={},
-                                            layer_abs=None, skipped_batches=0))
+                                            layer_abs=None, skipped_batches=0, superseded_batches={}))
         self.optimizer_steps = int(state["optimizer_steps"])
         self.micro_batches = int(state["micro_batches"])
         self.updates = int(state["updates"])

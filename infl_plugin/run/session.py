@@ -111,6 +111,7 @@ class InfluenceSession:
         self.data: Optional[AttributionData] = None
         self.eigenvalue_loader: Optional[Iterable] = None
         self.streaming_started = False
+        self._superseded: dict[str, int] = {}  # streamed micro-batches superseded before the last gather
         self.unindexed_batches = 0  # streaming micro-batches whose dataset indices were unknown
         self.attributions = 0
         self.last_result: Optional[AttributionResult] = None
@@ -313,6 +314,7 @@ class InfluenceSession:
                     self.last_factors = factors
                     result = self.job.run(factors, self.data, step, reason, streamed, extra={
                         "skipped_batches": self.skipped_batches, "optimizer_steps": self.tracker.optimizer_steps,
+                        "streamed_superseded_batches": self._superseded,
                         "durations": durations})
                     with self.policy.tolerant(f"computing the token views of step {step}"):
                         self.job.add_token_views(result, self.data)
@@ -353,6 +355,7 @@ class InfluenceSession:
         if self.candidate_mode != "stream":
             return None
         streamed = self.tracker.streamed_scores()
+        self._superseded = self.tracker.superseded_batches
         self.tracker.reset_stream()
         return streamed if len(streamed) else None
 

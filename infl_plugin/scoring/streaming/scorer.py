@@ -33,6 +33,7 @@ from ...curvature.layers import TrackedLayer
 
 Scalar = Union[float, torch.Tensor]
 PRECONDITIONINGS = ("identity", "diagonal", "kfac", "ekfac")
+RANK = {name: rank for rank, name in enumerate(PRECONDITIONINGS)}  # how well each preconditions
 
 
 @dataclass
@@ -199,15 +200,24 @@ class StreamingScorer:
         self._columns = 0
         self._total: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
         self._batches: dict[str, int] = {}
+        self.superseded_batches: dict[str, int] = {}  # scored micro-batches dropped for better queries
         self._dropped: Optional[torch.Tensor] = None  # examples with non-finite scores (device counter)
         self.skipped_batches = 0
 
     # ----------------------------------------------------------------------------- queries
     def set_queries(self, queries: Optional[PreconditionedQueries], preconditioning: str = "ekfac") -> None:
-        """Score later captures against ``queries`` (``None`` stops); sums so far are kept.
+        """Score later captures against ``queries`` (``None`` stops); sums so far are kept, unless
+        the new queries are preconditioned better (identity < diagonal < K-FAC < EK-FAC): then the
+        sums so far are dropped (counted in `superseded_batches`), so that the scores never add
+        visits of different preconditionings, whose early, worse-preconditioned visits would
+        dominate (benchmarks/streaming.py, benchmarks/short_finetune.py).
 
         ``preconditioning`` names how the queries were preconditioned (see `StreamedScores`).
         """
+        if queries is not None and any(RANK[preconditioning] > RANK[kind] for kind in self._batches):
+            for kind, count in self._batches.items():
+                self.superseded_batches[kind] = self.superseded_batches.get(kind, 0) + count
+            self.reset(superseded=False)
         if queries is not None:
             missing = sorted(set(self.layers) - set(queries.layers))
             if missing:
@@ -322,11 +332,14 @@ class StreamingScorer:
             return empty
         return StreamedScores(*self._total, dict(self._batches), list(self.layers), self._layer_abs)
 
-    def reset(self) -> None:
-        """Forget every score (queries and routes are kept)."""
+    def reset(self, superseded: bool = True) -> None:
+        """Forget every score (queries and routes are kept), and the superseded counts unless
+        ``superseded=False``."""
         self._pending, self._chunks, self._columns, self._total = None, [], 0, None
         self._pending_layers, self._layer_abs = {}, None
         self._batches, self._dropped = {}, None
+        if superseded:
+            self.superseded_batches = {}
 
     def _consolidate(self) -> None:
         parts = ([self._total] if self._total is not None else []) + self._chunks
@@ -350,7 +363,7 @@ class StreamingScorer:
                                   for n, q in self.queries.layers.items()}}
         return {"indices": result.indices.cpu(), "scores": result.scores.cpu(), "visits": result.visits.cpu(),
                 "batches": dict(result.batches), "skipped_batches": self.skipped_batches,
-                "layer_names": list(result.layer_names),
+                "superseded_batches": dict(self.superseded_batches), "layer_names": list(result.layer_names),
                 "layer_abs": None if result.layer_abs is None else result.layer_abs.cpu(), "queries": queries}
 
     def load_state_dict(self, state: dict, device: Union[str, torch.device, None] = None) -> None:
@@ -374,6 +387,7 @@ class StreamingScorer:
             self._total = (state["indices"].to(device), state["scores"].to(device), state["visits"].to(device))
         self._batches = dict(state["batches"])
         self.skipped_batches = int(state["skipped_batches"])
+        self.superseded_batches = dict(state.get("superseded_batches", {}))
 
 
 def _combine(indices: torch.Tensor, scores: torch.Tensor, visits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -386,4 +400,4 @@ def _combine(indices: torch.Tensor, scores: torch.Tensor, visits: torch.Tensor) 
     return unique[keep], summed[:, keep], counts[keep]
 
 
-__all__ = ["StreamedScores", "StreamingScorer", "PRECONDITIONINGS"]
+__all__ = ["StreamedScores", "StreamingScorer", "PRECONDITIONINGS", "RANK"]
