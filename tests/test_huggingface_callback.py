@@ -33,6 +33,7 @@ from infl_plugin.integrations.huggingface import (MAX_PENDING, InfluenceTrainerC
                                                  tensorboard_logdir)
 from infl_plugin.curvature.passes import isolated
 from infl_plugin.run.data import make_loader
+from infl_plugin.report.markdown import views_markdown
 from infl_plugin.results.token_views import token_views
 from models import byte_tokenizer
 
@@ -360,7 +361,7 @@ def test_bert_classifier_attributes_on_a_step_schedule_and_on_evaluate(tmp_path,
         assert views.sequence_scores[i][head] != 0 and views.token_scores[i][head].abs().sum() == 0
         total = views.per_token(i).sum() + views.sequence_scores[i].sum()
         assert float(total) == pytest.approx(float(session.last_result.scores[1, i]), rel=1e-4)
-    assert "classification head" in views.markdown
+    assert "classification head" in views_markdown(views)
 
 
 def test_resume_from_checkpoint_continues_exactly(tmp_path):

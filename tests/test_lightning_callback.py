@@ -26,7 +26,7 @@ import infl_plugin as ip
 from models import feature_data
 from infl_plugin.results.artifacts import read_artifacts
 from infl_plugin.integrations.lightning import InfluenceCallback, InfluenceCallbackConfig
-from infl_plugin.report.tensorboard import signed_log_scores
+from infl_plugin.scoring.analysis import signed_log_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "lightning"

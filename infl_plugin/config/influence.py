@@ -4,7 +4,7 @@
 (``OmegaConf.structured(InfluenceConfig)``) and as LightningCLI ``init_args``. Every field is
 checked in ``__post_init__``; an invalid value raises `ConfigurationError` (a ``ValueError``)
 naming the field and the allowed values. An unknown keyword (``InfluenceConfig(dampnig=1)``) is
-refused the same way, naming the allowed fields, by the small metaclass `_KnownFields` (the
+refused the same way, naming the allowed fields, by the small metaclass `KnownFields` (the
 dataclass's own ``__init__`` and fields stay untouched, so OmegaConf and LightningCLI see a
 plain dataclass).
 """
@@ -13,30 +13,19 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import asdict, dataclass, fields, is_dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
-
+from .. import _checks
+from .._checks import KnownFields, plain_fields, reject_unknown_fields
 from ..errors import ConfigurationError
-from ..curvature.layers import SUPPORTED_TYPES
+from .choices import ACCUMULATION_DTYPES, FISHERS, STRATEGIES, STREAM_WEIGHTS, SUPPORTED_TYPES
 
-STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
-FISHERS = ("empirical", "sampled")
-ACCUMULATION_DTYPES = ("float32", "float64")
-STREAM_WEIGHTS = ("none", "lr")
-
-
-class _KnownFields(type):
-    """Metaclass refusing unknown keyword arguments with a message instead of Python's TypeError."""
-
-    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        reject_unknown_fields(cls, kwargs)
-        return super().__call__(*args, **kwargs)
+_KnownFields = KnownFields  # the name the options module used before `_checks` held it
 
 
 @dataclass
-class InfluenceConfig(metaclass=_KnownFields):
+class InfluenceConfig(metaclass=KnownFields):
     """Settings of curvature tracking, factor fitting and scoring.
 
     Attributes:
@@ -119,7 +108,7 @@ class InfluenceConfig(metaclass=_KnownFields):
         refine_steps: preconditioned conjugate-gradient steps refining each query's
             preconditioned gradient towards ``(G + Λ)⁻¹ ∇f(q)`` with G the exact Gauss-Newton
             matrix of the tracked parameters (``Λ``: each layer's damping), EK-FAC as the
-            preconditioner (`infl_plugin.refine`). Each step costs one Gauss-Newton-vector product
+            preconditioner (`infl_plugin.scoring.refine`). Each step costs one Gauss-Newton-vector product
             per query over ``refine_batches`` training batches. 0 (default): plain EK-FAC.
         refine_batches: evenly spaced training batches the Gauss-Newton-vector products of
             ``refine_steps`` read (the curvature data given to the `Attributor`).
@@ -219,38 +208,16 @@ def resolve_config(owner: str, config: Any) -> InfluenceConfig:
                              f"{type(config).__name__}")
 
 
-def plain_fields(values: Any) -> dict[str, Any]:
-    """The fields of a dataclass instance (not recursively), an OmegaConf DictConfig (resolved to
-    plain containers) or a mapping, as a ``dict``."""
-    if is_dataclass(values) and not isinstance(values, type):
-        return {f.name: getattr(values, f.name) for f in fields(values)}
-    if isinstance(values, DictConfig):
-        return dict(OmegaConf.to_container(values, resolve=True))
-    return dict(values)
-
-
-def reject_unknown_fields(cls: type, values: Any, owner: Optional[str] = None) -> None:
-    """Raise ``ValueError`` naming the keys of ``values`` that are not fields of dataclass ``cls``."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigurationError(f"{owner or cls.__name__} has no field(s) {unknown}; allowed fields: {sorted(known)}")
-
-
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if not isinstance(value, str) or value not in allowed:
-        raise ConfigurationError(f"InfluenceConfig.{name} must be one of {list(allowed)}, got {value!r}")
+    _checks.choice("InfluenceConfig", name, value, allowed)
 
 
 def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"InfluenceConfig.{name} must be an integer >= 1, got {value!r}")
+    _checks.positive_int("InfluenceConfig", name, value)
 
 
 def _positive_number(name: str, value: Any) -> None:
-    """A finite int or float > 0 (bools and strings refused)."""
-    if isinstance(value, (bool, str)) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ConfigurationError(f"InfluenceConfig.{name} must be a finite number > 0, got {value!r}")
+    _checks.positive_number("InfluenceConfig", name, value)
 
 
 def _damping(value: Any) -> None:
