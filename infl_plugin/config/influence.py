@@ -1,4 +1,4 @@
-"""One validated configuration object for the whole pipeline.
+"""One validated configuration object for the whole pipeline, its fields in four groups.
 
 `InfluenceConfig` is a plain dataclass, so it works as an OmegaConf structured config
 (``OmegaConf.structured(InfluenceConfig)``) and as LightningCLI ``init_args``. Every field is
@@ -7,6 +7,12 @@ naming the field and the allowed values. An unknown keyword (``InfluenceConfig(d
 refused the same way, naming the allowed fields, by the small metaclass `KnownFields` (the
 dataclass's own ``__init__`` and fields stay untouched, so OmegaConf and LightningCLI see a
 plain dataclass).
+
+The fields fall in four groups (`infl_plugin.config.groups`): ``config.curvature``,
+``config.tracking``, ``config.scoring`` and ``config.streaming`` are frozen views of theirs, and a
+group may be given as a keyword or a YAML block (``InfluenceConfig(scoring={"damping": 0.1})``)
+beside the flat keywords, which stay the primary spelling (``InfluenceConfig(damping=0.1)``,
+``config.damping``).
 """
 
 from __future__ import annotations
@@ -20,12 +26,20 @@ from .. import _checks
 from .._checks import KnownFields, plain_fields, reject_unknown_fields
 from ..errors import ConfigurationError
 from .choices import ACCUMULATION_DTYPES, FISHERS, STRATEGIES, STREAM_WEIGHTS, SUPPORTED_TYPES
+from .groups import GROUP_FIELDS, flatten_groups, group_classes
 
 _KnownFields = KnownFields  # the name the options module used before `_checks` held it
 
 
+class _GroupedFields(KnownFields):
+    """`KnownFields` that also takes the groups (``curvature=``, ``scoring=``, …) as keywords."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        return super().__call__(*args, **flatten_groups(cls.__name__, kwargs))
+
+
 @dataclass
-class InfluenceConfig(metaclass=KnownFields):
+class InfluenceConfig(metaclass=_GroupedFields):
     """Settings of curvature tracking, factor fitting and scoring.
 
     Attributes:
@@ -184,15 +198,42 @@ class InfluenceConfig(metaclass=KnownFields):
             for value in self.module_types:
                 _choice("module_types", value, SUPPORTED_TYPES)
 
+    @property
+    def curvature(self) -> Any:
+        """The curvature group: ``strategy``, ``fisher``, ``modules``, ``module_types``,
+        ``accumulation_dtype``, ``seed``, ``fisher_samples``, ``max_fit_batches``."""
+        return self._group("curvature")
+
+    @property
+    def tracking(self) -> Any:
+        """The tracking group: ``update_every``, ``sample_every``, ``half_life``,
+        ``half_life_fraction``, ``statistics_fraction``, ``min_statistics_steps``."""
+        return self._group("tracking")
+
+    @property
+    def scoring(self) -> Any:
+        """The scoring group: ``damping``, ``query_rank``, ``refine_steps``, ``refine_batches``."""
+        return self._group("scoring")
+
+    @property
+    def streaming(self) -> Any:
+        """The streaming group: ``stream_every``, ``stream_refresh_every``, ``stream_weight``."""
+        return self._group("streaming")
+
+    def _group(self, name: str) -> Any:
+        return GROUPS[name](**{field: getattr(self, field) for field in GROUP_FIELDS[name]})
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain-Python copy (for JSON metadata and logging)."""
+        """Plain-Python copy, flat (for JSON metadata, artifacts and logging)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "InfluenceConfig":
-        """Build from a mapping (a loaded JSON or a DictConfig); unknown keys are an error."""
+        """Build from a mapping (a loaded JSON or a DictConfig), flat or with group blocks; unknown
+        keys are an error."""
+        values = flatten_groups(cls.__name__, dict(values))
         reject_unknown_fields(cls, values)
-        return cls(**dict(values))
+        return cls(**values)
 
 
 def resolve_config(owner: str, config: Any) -> InfluenceConfig:
@@ -235,5 +276,9 @@ InfluenceConfig.__signature__ = inspect.Signature(  # the dataclass fields, not 
     list(inspect.signature(InfluenceConfig.__init__).parameters.values())[1:]
 )
 
-__all__ = ["InfluenceConfig", "STRATEGIES", "FISHERS", "ACCUMULATION_DTYPES", "STREAM_WEIGHTS", "plain_fields",
+GROUPS = group_classes(InfluenceConfig)  # group name → its frozen dataclass
+CurvatureSettings, TrackingSettings, ScoringSettings, StreamingSettings = (GROUPS[g] for g in GROUP_FIELDS)
+
+__all__ = ["ACCUMULATION_DTYPES", "CurvatureSettings", "FISHERS", "GROUPS", "InfluenceConfig", "STRATEGIES",
+           "STREAM_WEIGHTS", "ScoringSettings", "StreamingSettings", "TrackingSettings", "plain_fields",
            "reject_unknown_fields", "resolve_config"]

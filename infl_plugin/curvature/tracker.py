@@ -1,4 +1,7 @@
-"""`InfluenceTracker`: curvature statistics accumulated during the user's own training loop.
+"""`CurvatureTracker`: curvature statistics accumulated during the user's own training loop.
+
+(The public `InfluenceTracker`, `infl_plugin.scoring.streaming.tracker`, is this tracker with the
+streaming scorer riding on it.)
 
 Constructing a tracker only builds its state; its hooks go on the model explicitly and come off
 on `close` (or at the end of the ``with`` block)::
@@ -12,7 +15,7 @@ on `close` (or at the end of the ``with`` block)::
     factors = tracker.factors(loader)  # a bounded pass (hooks on for it alone) only if still needed
 
 With ``fisher="empirical"`` the statistics come from the training backward itself: hooks capture
-``(a, g)`` while ``loss.backward()`` runs and `InfluenceTracker.step` commits them, undoing the
+``(a, g)`` while ``loss.backward()`` runs and `CurvatureTracker.step` commits them, undoing the
 loss scaling (mean over the batch, gradient accumulation, AMP loss scale) so they are per-example.
 With ``fisher="sampled"`` the training backward is ignored and `step` runs one extra pass with
 labels drawn from the model (every ``sample_every`` statistics steps).
@@ -46,6 +49,7 @@ from typing import Any, Iterable, Iterator, Optional, Protocol, Sequence, Union
 import torch
 from torch import nn
 
+from ..config.groups import statistics_changes
 from ..config.influence import InfluenceConfig
 from .factors import Factors, compute_factors, eigenbases
 from .fitting import accumulate, new_statistics
@@ -90,8 +94,8 @@ class CurvatureTracker:
     """Accumulates curvature statistics from the training loop; a context manager.
 
     The constructor registers no hooks on ``model``: `attach` does (idempotent; returns the
-    tracker, so ``tracker = InfluenceTracker(...).attach()``), and so does entering
-    ``with InfluenceTracker(...) as tracker:``; `close` (or leaving the block) removes them all.
+    tracker, so ``tracker = CurvatureTracker(...).attach()``), and so does entering
+    ``with CurvatureTracker(...) as tracker:``; `close` (or leaving the block) removes them all.
     Call `step` once after each micro-batch's ``backward()`` (and after ``optimizer.step()``, so
     that streaming queries refreshed there are at the parameters of the next backward);
     ``optimizer_step=False`` marks micro-batches that do not end an optimizer step (gradient
@@ -373,8 +377,13 @@ class CurvatureTracker:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        if state["config"] != self.config.to_dict():
-            raise ValueError(f"Tracker state was saved with another InfluenceConfig: {state['config']}")
+        changed = statistics_changes(state["config"], self.config.to_dict())
+        if changed:
+            saved = ", ".join(f"{name}={state['config'][name]!r} (now {getattr(self.config, name)!r})"
+                              for name in changed)
+            raise ValueError(f"Tracker state was saved with another InfluenceConfig: {saved} shape the saved "
+                             "statistics; resume with the saved values (fields that do not shape them, such as "
+                             "damping, query_rank or the streaming ones, may change)")
         if self.statistics is not None:
             self.statistics.load_state_dict(state["statistics"])
         self.optimizer_steps = int(state["optimizer_steps"])
