@@ -110,3 +110,14 @@ def test_the_core_imports_without_transformers_and_lightning():
             "    importlib.import_module(name)\n"
             "assert not any(sys.modules.get(m) for m in ('transformers', 'lightning'))\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_core_tests_run_without_transformers_and_lightning():
+    """The core tests' models (``tests/models.py``) and a core test file need neither framework."""
+    code = ("import sys\n"
+            "for blocked in ('transformers', 'lightning', 'pytorch_lightning'):\n"
+            "    sys.modules[blocked] = None\n"
+            "import pytest\n"
+            "sys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider', 'tests/test_statistics.py']))\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]

@@ -22,7 +22,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, 
 from transformers.utils import logging as hf_logging
 
 import infl_plugin as ip
-from models import byte_tokenizer, feature_data
+from hf_models import byte_tokenizer
+from models import feature_data
 from infl_plugin.results.artifacts import read_artifacts
 from infl_plugin.run.candidates import TfidfIndex, select_candidates
 from infl_plugin.run.indices import BatchIndexRecorder

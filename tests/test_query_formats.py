@@ -19,7 +19,7 @@ from infl_plugin.integrations.huggingface import InfluenceTrainerCallback
 from infl_plugin.run.query_formats import (PadCollator, Preparation, TokenTextRenderer, as_rows, prepare_queries,
                                        query_format)
 from infl_plugin.report.renderers import make_renderer
-from models import byte_tokenizer
+from hf_models import byte_tokenizer
 
 hf_logging.disable_progress_bar()
 TOKENIZER = byte_tokenizer()
