@@ -8,7 +8,7 @@ passage of the held-out topics. At the final parameters, EK-FAC factors are fitt
 passages and every query is scored against every passage (``candidates="all"``); per query the
 top 10 by score (most helpful) and by absolute score (most influential either way) are the reference.
 ``candidates="tfidf"`` keeps per query the N passages most similar by TF-IDF (scikit-learn, word
-unigrams of the decoded text, as `infl_plugin.candidates` does with a tokenizer); the table gives
+unigrams of the decoded text, as `infl_plugin.run.candidates` does with a tokenizer); the table gives
 the share of the reference top 10 inside those N, averaged over queries, next to the share a random
 subset of N would hold in expectation (N / passages).
 

@@ -14,13 +14,14 @@ from .curvature.fitting import fit_factors
 from .curvature.layers import TrackedLayer, select_layers
 from .curvature.memory import MemoryEstimate, estimate_memory
 from .config.options import AttributionOptions
-from .report.tensorboard import Reporter, TensorBoardReporter
+from .report.protocol import Reporter
+from .report.tensorboard import TensorBoardReporter
 from .run.schedule import AttributionSchedule, Reason
 from .run.session import InfluenceSession
 from .scoring.streaming.scorer import StreamedScores, StreamingScorer
 from .tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
 from .report.token_report import TokenReporter
-from .curvature.tracker import InfluenceTracker
+from .scoring.streaming.tracker import InfluenceTracker
 
 __version__ = "0.1.0"
 

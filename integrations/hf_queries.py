@@ -1,6 +1,6 @@
 """The Hugging Face adapter's queries: any natural format, prepared as the trainer prepared its data.
 
-`trainer_attribution_data` wires `infl_plugin.query_formats` to what a Trainer event passes at
+`trainer_attribution_data` wires `infl_plugin.run.query_formats` to what a Trainer event passes at
 train start: the training arguments (a ``TrainingArguments``, or TRL's ``SFTConfig`` whose
 ``dataset_text_field``, ``max_length``, ``truncation_mode`` and ``completion_only_loss`` say how
 SFTTrainer prepared its training text: EOS appended, completion masked, truncated), the
@@ -78,7 +78,7 @@ def trainer_attribution_data(options: AttributionOptions, queries: Any, training
                              model: nn.Module, task: Task, tokenizer: Any, collate: Optional[Callable],
                              batch_size: int, seed: int) -> AttributionData:
     """The `AttributionData` of a Trainer run: queries in any accepted format (see
-    `infl_plugin.query_formats`), the training set as candidates, the first query batch checked."""
+    `infl_plugin.run.query_formats`), the training set as candidates, the first query batch checked."""
     query_collate = None
     if not isinstance(queries, DataLoader):
         queries = prepare_queries(queries, tokenizer, trainer_preparation(args, model), owner=OWNER)

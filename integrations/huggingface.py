@@ -27,7 +27,7 @@ dataset indices of each batch, for ``candidates="stream"``). It never needs the 
   written as artifacts; ``on_save`` also writes the session state into ``checkpoint-N/``
   (`infl_plugin.serialization`: safetensors + JSON, written atomically, main process only).
 
-What to attribute and when is an `infl_plugin.options.AttributionOptions`, shared with the
+What to attribute and when is an `infl_plugin.config.options.AttributionOptions`, shared with the
 Lightning callback (``options=``, also an OmegaConf structured config, or its fields as keywords).
 
 Hooks come off at ``on_train_end`` and with `InfluenceTrainerCallback.close`. No Trainer event
@@ -70,7 +70,7 @@ class InfluenceTrainerCallback(TrainerCallback):
     """EK-FAC influence alongside ``Trainer.train``: statistics, attribution, TensorBoard, checkpoints.
 
     Args:
-        queries: the examples to explain, in any of the formats of `infl_plugin.query_formats`:
+        queries: the examples to explain, in any of the formats of `infl_plugin.run.query_formats`:
             strings, ``{"prompt", "completion"}`` pairs, ``{"messages": [...]}`` chats (tokenized
             at train start as the trainer prepared its training text, see
             `integrations.hf_queries`), rows of the training dataset (raw or processed, a
@@ -84,7 +84,7 @@ class InfluenceTrainerCallback(TrainerCallback):
             top-k, token views, strictness), or a mapping / DictConfig of its fields (an OmegaConf
             structured config). With ``candidates="stream"`` the dataset indices of training
             batches are read from the training loader's batch sampler
-            (`infl_plugin.indices.BatchIndexRecorder`); a resumed run drops the records of the
+            (`infl_plugin.run.indices.BatchIndexRecorder`); a resumed run drops the records of the
             batches its first epoch skips (the Trainer's rule, unless ``ignore_data_skip``).
             ``"tfidf"`` decodes token ids with ``processing_class``. ``batch_size`` defaults to
             ``per_device_eval_batch_size``; ``progress`` is off with ``disable_tqdm``.

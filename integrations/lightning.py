@@ -3,7 +3,7 @@
 Add it to a Trainer (or to ``trainer.callbacks`` of a LightningCLI YAML with ``class_path:
 infl_plugin.integrations.lightning.InfluenceCallback``), train as usual, then open TensorBoard:
 the ``influence*`` sections hold, per scheduled attribution, which training examples helped and
-hurt each held-out query (see `infl_plugin.reporting` for every tag).
+hurt each held-out query (see `infl_plugin.report.tensorboard` for every tag).
 
 Event mapping (all math lives in the core):
 
@@ -17,7 +17,7 @@ Event mapping (all math lives in the core):
   with ``grad_scale = task scale / accumulate_grad_batches × AMP loss scale``; whether it ends an
   optimizer step follows Lightning's accumulation (including the epoch's last batch).
 * ``candidates="stream"``: each training batch's dataset indices come from the training loader's
-  batch sampler (`infl_plugin.indices.BatchIndexRecorder`, installed at ``on_train_start``, moved to
+  batch sampler (`infl_plugin.run.indices.BatchIndexRecorder`, installed at ``on_train_start``, moved to
   a reloaded loader at ``on_train_epoch_start``, removed at ``teardown``); Lightning builds the first
   epoch's iterator before any callback runs, so streaming starts with the second epoch.
 * ``on_train_batch_end`` after an optimizer step: attribution every ``every_n_steps``;
@@ -26,7 +26,7 @@ Event mapping (all math lives in the core):
   of ``fit``; ``on_train_end``: attribution at the end. At most one attribution per step.
 * ``state_dict`` / ``load_state_dict``: statistics, eigenbasis, counters (like ``WeightAveraging``).
 
-What to attribute and when is an `infl_plugin.options.AttributionOptions`, shared with the Hugging
+What to attribute and when is an `infl_plugin.config.options.AttributionOptions`, shared with the Hugging
 Face callback (``options:`` in a LightningCLI YAML, or its fields as keywords). Hydra / OmegaConf
 users: `InfluenceCallbackConfig` holds the callback's arguments as a structured config;
 `InfluenceCallback.from_config` builds the callback from it.

@@ -1,11 +1,35 @@
-"""Tiny float64 models covering every layer kind: Conv2d, Linear, Conv1D, sequences with padding."""
+"""Tiny float64 models covering every layer kind: Conv2d, Linear, Conv1D, sequences with padding.
+
+Imports no framework, so the core tests run without transformers: GPT-2's ``Conv1D`` is taken
+from transformers when it is installed, else `_Conv1D` (the same layer: ``weight [d_in, d_out]``,
+``y = x W + b``, matched by class name like the original). Hugging Face helpers are in `hf_models`.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
+
+
+class _Conv1D(nn.Module):
+    """GPT-2's transposed linear layer ``y = x W + b`` with ``W: [nx, nf]``, for runs without transformers."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.empty(nx, nf).normal_(std=0.02))
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], self.nf)
+
+
+_Conv1D.__name__ = _Conv1D.__qualname__ = "Conv1D"  # recognised by name, as transformers' is
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:
+    Conv1D = _Conv1D
 
 
 class ImageNet(nn.Module):
@@ -83,17 +107,3 @@ def example_loss(model: nn.Module, item) -> torch.Tensor:
         logits = model(item["x"][None], item["attention_mask"][None])
         return F.cross_entropy(logits, item["labels"][None])
     return F.cross_entropy(model(item[0][None]), item[1][None])
-
-
-def byte_tokenizer():
-    """Byte-level tokenizer without merges: 256 byte symbols + ``<pad>`` (id 256); decoding gives the
-    text back, nothing is downloaded."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<pad>"] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>")

@@ -22,7 +22,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, 
 from transformers.utils import logging as hf_logging
 
 import infl_plugin as ip
-from models import byte_tokenizer, feature_data
+from hf_models import byte_tokenizer
+from models import feature_data
 from infl_plugin.results.artifacts import read_artifacts
 from infl_plugin.run.candidates import TfidfIndex, select_candidates
 from infl_plugin.run.indices import BatchIndexRecorder
@@ -268,7 +269,8 @@ class ScoringForwards(Callback):
 
 def test_lightning_stream_scores_the_examples_since_the_previous_attribution_without_a_pass(tmp_path):
     """Attributions at steps 9 and 18 (epochs 2 and 3; every epoch's indices are known): no
-    scoring pass over training rows at all, while ``"all"`` runs one per attribution."""
+    scoring pass over training rows at all, while ``"all"`` runs one per attribution. The first
+    step streams before any statistics (plain gradients); K-FAC queries from step 1 supersede it."""
     config = ip.InfluenceConfig(strategy="kfac", update_every=1, stream_refresh_every=2)
     counts = {}
     for mode in ("all", "stream"):
@@ -280,7 +282,8 @@ def test_lightning_stream_scores_the_examples_since_the_previous_attribution_wit
     tmp_path = tmp_path / "stream"
     results = read_artifacts(tmp_path, as_dataframe=False)
     assert [r["step"] for r in results] == [9, 18] and {r["candidate_mode"] for r in results} == {"stream"}
-    for result, window in zip(results, ((0, 9), (9, 18))):
+    assert [r["extra"]["streamed_superseded_batches"] for r in results] == [{"identity": 1}, {}]
+    for result, window in zip(results, ((1, 9), (9, 18))):
         seen = {i for indices, _, step in spy.batches if indices is not None and window[0] <= step < window[1]
                 for i in indices.tolist()}
         assert sorted(seen) == result["candidate_indices"].tolist()
@@ -459,8 +462,11 @@ def test_huggingface_stream_indices_match_training_unchanged_and_no_candidate_pa
     assert sorted(order) == sorted(list(range(16)) * 2) and order[:16] != list(range(16))  # shuffled
     results = read_artifacts(tmp_path / "tb", as_dataframe=False)
     assert [r["step"] for r in results] == [2, 4] and {r["candidate_mode"] for r in results} == {"stream"}
-    assert results[0]["candidate_indices"].tolist() == sorted(order[:16])
-    assert results[0]["extra"]["streamed_visits"] == 16
+    # the first optimizer step (2 micro-batches of 4) streams before any statistics, with plain
+    # gradients; the K-FAC queries of step 2 on supersede it
+    assert results[0]["extra"]["streamed_superseded_batches"] == {"identity": 2}
+    assert results[0]["candidate_indices"].tolist() == sorted(order[8:16])
+    assert results[0]["extra"]["streamed_visits"] == 8
 
 
 def test_huggingface_tfidf_and_random_candidates(tmp_path):

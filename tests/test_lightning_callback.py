@@ -1,5 +1,6 @@
-"""InfluenceCallback inside real Lightning fits: training unchanged, factors equal post-hoc fits,
-TensorBoard/artifact contents, resume, hook hygiene, configuration, the LightningCLI example."""
+"""InfluenceCallback inside real Lightning fits: factors equal post-hoc fits, TensorBoard/artifact
+contents, resume, hook hygiene, configuration, the LightningCLI example (training unchanged and no
+hook left after a fit: tests/test_contracts.py)."""
 
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import infl_plugin as ip
+from conftest import hook_count, parameters as _parameters
 from models import feature_data
 from infl_plugin.results.artifacts import read_artifacts
 from infl_plugin.integrations.lightning import InfluenceCallback, InfluenceCallbackConfig
-from infl_plugin.report.tensorboard import signed_log_scores
+from infl_plugin.scoring.analysis import signed_log_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "lightning"
@@ -83,10 +85,6 @@ def _callback(**kwargs) -> InfluenceCallback:
     return InfluenceCallback(**options)
 
 
-def _parameters(module: nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in module.parameters()]
-
-
 def _assert_same_operator(a: ip.Factors, b: ip.Factors, rtol: float) -> None:
     """Both factors apply the same (G + λI)⁻¹ (compared on random matrices: eigenvectors are only
     defined up to sign/rotation within repeated eigenvalues, the operator is not)."""
@@ -99,25 +97,6 @@ def _assert_same_operator(a: ip.Factors, b: ip.Factors, rtol: float) -> None:
 def _post_hoc(module: Net, batch_size: int = BATCH, config: ip.InfluenceConfig | None = None) -> ip.Factors:
     loader = DataLoader(module.train_set, batch_size=batch_size, shuffle=False)
     return ip.fit_factors(module, ip.ClassificationTask(), loader, config or EVERY_STEP)
-
-
-# ------------------------------------------------------------------------------------ training unchanged
-@pytest.mark.parametrize("accumulate, fisher", [(1, "sampled"), (2, "sampled"), (1, "empirical")])
-def test_training_is_bit_for_bit_unchanged(tmp_path, accumulate, fisher):
-    """Dropout and a globally-seeded shuffle make any stray RNG draw or mode change visible
-    (the sampled Fisher's extra passes; the empirical Fisher's one-time check of the loss's
-    reduction, an extra forward)."""
-    results = []
-    for with_callback in (False, True):
-        pl.seed_everything(0)
-        module = Net(dropout=0.3, shuffle=True)
-        config = ip.InfluenceConfig(fisher=fisher, update_every=1)
-        callbacks = [_callback(every_n_steps=1, self_influence=True, config=config)] if with_callback else []
-        _trainer(tmp_path, callbacks, epochs=2, accumulate_grad_batches=accumulate).fit(module)
-        results.append(_parameters(module))
-        if with_callback:
-            assert callbacks[0].session.attributions >= 3
-    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 # ------------------------------------------------------------------------------------ factors vs post hoc
@@ -297,22 +276,14 @@ def test_attribution_after_each_validation_run_but_not_the_sanity_check(tmp_path
 
 
 # ------------------------------------------------------------------------------------ hooks
-def _hook_counts(module: nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in module.modules())
-
-
-def test_no_hook_remains_after_fit_teardown_or_exception(tmp_path):
-    module = Net()
-    before = _hook_counts(module)
-    callback = _callback(every_n_steps=2)
-    _trainer(tmp_path, [callback]).fit(module)
-    assert _hook_counts(module) == before and not callback.session.attached
-
+def test_no_hook_remains_after_an_exception(tmp_path):
+    """Teardown after a failed fit removes the hooks (after a completed fit: tests/test_contracts.py)."""
     failing = Net(fail_at=3)
+    before = hook_count(failing)
     callback = _callback(every_n_steps=2)
     with pytest.raises(RuntimeError, match="on purpose"):
         _trainer(tmp_path, [callback]).fit(failing)
-    assert _hook_counts(failing) == before and not callback.session.attached
+    assert hook_count(failing) == before and not callback.session.attached
 
 
 def test_loss_scale_is_worked_out_only_on_statistics_steps(tmp_path):
@@ -536,3 +507,31 @@ def test_example_finds_the_planted_mislabeled_images(tmp_path):
     planted = set(data.mislabeled)
     assert len(planted & self_table) >= len(planted) // 2, (sorted(planted), sorted(self_table))
     assert len(planted & (self_table | harmful)) >= 3 * len(planted) // 4
+
+
+def test_resume_accepts_changed_scoring_fields_and_refuses_statistics_fields_by_name(tmp_path):
+    """A resumed fit may change ``damping`` / ``query_rank`` (the statistics continue as in one run);
+    a change of a field that shapes the saved statistics raises, naming it."""
+    steps = N_TRAIN // BATCH
+    base = dict(fisher="sampled", update_every=1)
+
+    def run(epochs, root, config, ckpt_path=None):
+        pl.seed_everything(0)
+        callback = _callback(every_n_steps=steps, config=ip.InfluenceConfig(**{**base, **config}))
+        trainer = _trainer(root, [callback, ModelCheckpoint(dirpath=str(root / "ckpt"), save_last=True)],
+                           epochs=epochs, enable_checkpointing=True)
+        trainer.fit(Net(), ckpt_path=ckpt_path)
+        return callback
+
+    full = run(2, tmp_path / "a", {})
+    run(1, tmp_path / "b", {})
+    last = str(tmp_path / "b" / "ckpt" / "last.ckpt")
+    resumed = run(2, tmp_path / "c", dict(damping=0.5, query_rank=2), ckpt_path=last)
+    assert resumed.session.config.damping == 0.5 and resumed.session.attributions == full.session.attributions
+    state_a, state_c = full.state_dict(), resumed.state_dict()
+    for name, layer in state_a["tracker"]["statistics"]["layers"].items():
+        for key, value in layer.items():
+            other = state_c["tracker"]["statistics"]["layers"][name][key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (name, key)
+    with pytest.raises(ValueError, match=r"fisher='sampled' \(now 'empirical'\)"):
+        run(2, tmp_path / "d", dict(fisher="empirical"), ckpt_path=last)

@@ -1,4 +1,4 @@
-"""Queries in every natural format (`infl_plugin.query_formats`) and through the Hugging Face callback:
+"""Queries in every natural format (`infl_plugin.run.query_formats`) and through the Hugging Face callback:
 strings with ``default_data_collator`` blocks, errors naming the argument, readable text, the
 itemised duration of an attribution."""
 
@@ -18,8 +18,8 @@ from infl_plugin.errors import ConfigurationError
 from infl_plugin.integrations.huggingface import InfluenceTrainerCallback
 from infl_plugin.run.query_formats import (PadCollator, Preparation, TokenTextRenderer, as_rows, prepare_queries,
                                        query_format)
-from infl_plugin.report.tensorboard import make_renderer
-from models import byte_tokenizer
+from infl_plugin.report.renderers import make_renderer
+from hf_models import byte_tokenizer
 
 hf_logging.disable_progress_bar()
 TOKENIZER = byte_tokenizer()

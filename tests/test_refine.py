@@ -1,6 +1,6 @@
 """Refined query solves (`InfluenceConfig.refine_steps`) against a dense damped Gauss-Newton solve.
 
-The reference is built independently of `infl_plugin.refine`: the Jacobian of the model output in
+The reference is built independently of `infl_plugin.scoring.refine`: the Jacobian of the model output in
 the tracked parameters (``torch.func.jacrev``, parameters laid out as the layers' ``[d_out, d_in]``
 matrices), explicit output-space Hessians, ``G = (1/N) Σ_n J_nᵀ H_n J_n``, the per-layer damping on
 the diagonal, and ``torch.linalg.solve``. Everything runs in float64.

@@ -16,12 +16,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import infl_plugin as ip
 from infl_plugin.results.artifacts import AttributionResult, read_artifacts, write_artifact
 from infl_plugin.report.history import InfluenceHistory, jaccard
-from infl_plugin.report.tensorboard import (
-    ImageRenderer, Rendered, Reporter, TensorBoardReporter, TextRenderer, ccdf, depth_bins, escape_markdown,
-    layer_shares, make_renderer, markdown_cell, signed_log_scores, tail_exponent,
+from infl_plugin.report.markdown import escape_markdown, markdown_cell, views_markdown
+from infl_plugin.report.protocol import Reporter
+from infl_plugin.report.renderers import ImageRenderer, Rendered, TextRenderer, make_renderer
+from infl_plugin.report.tensorboard import TensorBoardReporter
+from infl_plugin.scoring.analysis import (
+    ccdf, depth_bins, layer_shares, signed_log_scores, tail_exponent,
 )
 from infl_plugin.report.token_report import TokenReporter
-from infl_plugin.results.token_views import TokenViews
+from infl_plugin.results.views import TokenViews
 from tensorboard.plugin_util import markdown_to_safe_html
 
 
@@ -218,8 +221,7 @@ def _views(indices: list[int], labels: list[str]) -> TokenViews:
     return TokenViews(indices=indices, scores=[float(t.sum()) for t in token_scores],
                       tokens=[["The", " cat", " sat", "<pad>"] for _ in indices],
                       masks=[torch.tensor([True, True, True, False]) for _ in indices], token_scores=token_scores,
-                      sequence_scores=sequence_scores, layer_names=["a", "b"], markdown="VIEWS-MARKDOWN",
-                      labels=labels, top_tokens=2)
+                      sequence_scores=sequence_scores, layer_names=["a", "b"], labels=labels, top_tokens=2)
 
 
 def test_token_reporter_renders_the_results_token_views_without_a_model(tmp_path):
@@ -237,7 +239,7 @@ def test_token_reporter_renders_the_results_token_views_without_a_model(tmp_path
     assert text.startswith("**Query 0** (dataset index 0): the 2 most helpful and most harmful training sequences, "
                            "their 2 most influential tokens marked (**bold** = helpful, *italic* = harmful, "
                            "superscript = rank).")
-    assert "the tables' scores were streamed while training" in text and text.endswith("\n\nVIEWS-MARKDOWN")
+    assert "the tables' scores were streamed while training" in text and text.endswith("\n\n" + views_markdown(result.token_views[0]))
     images = acc.Tags()["images"]
     assert {"influence_token_heatmaps/query_000", "influence_layers/query_000"} <= set(images)
     assert acc.Images("influence_token_heatmaps/query_000")[-1].step == result.step

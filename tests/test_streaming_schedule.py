@@ -29,14 +29,14 @@ def _run(config: ip.InfluenceConfig, steps: int, batch: int = 8):
     queries = [(x[:4], y[:4])]
     tracker = ip.InfluenceTracker(model, ip.ClassificationTask(), config)
     refreshes: list[tuple[int, str]] = []
-    refresh = tracker.refresh_queries
+    refresh = tracker.stream.refresh  # the streaming rider's refresh, whoever calls it
 
     def recorded(factors=None):
         used = refresh(factors)
         refreshes.append((tracker.optimizer_steps, used))
         return used
 
-    tracker.refresh_queries = recorded
+    tracker.stream.refresh = recorded
     tracker.set_queries(queries)
     tracker.attach()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

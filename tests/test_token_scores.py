@@ -16,11 +16,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import infl_plugin as ip
 from infl_plugin.results.artifacts import AttributionResult
-from infl_plugin.report.tensorboard import escape_markdown
+from infl_plugin.report.markdown import escape_markdown, mark_tokens_markdown, top_token_positions, views_markdown
 from infl_plugin.report.token_report import (clip_token, layer_figure, layer_groups, layer_heatmap_figure,
                                       strip_common_prefix, token_figure, token_heatmap_figure)
-from infl_plugin.results.token_views import (TokenViews, decode_tokens, mark_tokens_markdown, result_token_views,
-                                     token_views, top_token_positions)
+from infl_plugin.results.token_views import TokenViews, decode_tokens, result_token_views, token_views
 
 from reference import layer_matrix_grad
 
@@ -142,7 +141,7 @@ def test_token_views_decompose_exactly_and_render(setup):
     per_layer = views.per_layer()  # [L, K]
     assert per_layer.shape == (len(modules), 3)
     torch.testing.assert_close(per_layer.sum(0), totals[1, picked], rtol=RTOL, atol=0)
-    assert views.markdown.count("training example") == 3 and "⟨" in views.markdown  # ids shown without tokenizer
+    assert views_markdown(views).count("training example") == 3 and "⟨" in views_markdown(views)  # ids shown without tokenizer
     assert views.labels == ["#1", "#2", "#3"] and views.top_tokens == 3
     assert token_figure(views, "t").axes and layer_figure(views, "l").axes
 
@@ -168,7 +167,7 @@ def test_result_token_views_show_each_querys_top_helpful_then_harmful(setup):
     assert v.labels == ["helpful #1", "helpful #2", "harmful #1", "harmful #2"] and v.top_tokens == 4
     expected = torch.cat([helpful_scores[0, :2], harmful_scores[0, :2]]).tolist()
     assert v.scores == pytest.approx(expected, rel=RTOL)
-    assert "**helpful #1** training example" in v.markdown and "**harmful #2** training example" in v.markdown
+    assert "**helpful #1** training example" in views_markdown(v) and "**harmful #2** training example" in views_markdown(v)
     assert result_token_views(attributor, pq, result, lambda i: train[i - 100], collate, sequences=0) == {}
 
 

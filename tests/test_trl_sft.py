@@ -26,7 +26,7 @@ from infl_plugin.integrations.huggingface import InfluenceTrainerCallback, load_
 from infl_plugin.integrations.hf_queries import trainer_preparation  # noqa: E402
 from infl_plugin.curvature.passes import isolated  # noqa: E402
 from infl_plugin.run.query_formats import PadCollator, prepare_queries  # noqa: E402
-from models import byte_tokenizer  # noqa: E402
+from hf_models import byte_tokenizer  # noqa: E402
 
 try:
     from trl import SFTConfig, SFTTrainer

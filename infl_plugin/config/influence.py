@@ -1,42 +1,45 @@
-"""One validated configuration object for the whole pipeline.
+"""One validated configuration object for the whole pipeline, its fields in four groups.
 
 `InfluenceConfig` is a plain dataclass, so it works as an OmegaConf structured config
 (``OmegaConf.structured(InfluenceConfig)``) and as LightningCLI ``init_args``. Every field is
 checked in ``__post_init__``; an invalid value raises `ConfigurationError` (a ``ValueError``)
 naming the field and the allowed values. An unknown keyword (``InfluenceConfig(dampnig=1)``) is
-refused the same way, naming the allowed fields, by the small metaclass `_KnownFields` (the
+refused the same way, naming the allowed fields, by the small metaclass `KnownFields` (the
 dataclass's own ``__init__`` and fields stay untouched, so OmegaConf and LightningCLI see a
 plain dataclass).
+
+The fields fall in four groups (`infl_plugin.config.groups`): ``config.curvature``,
+``config.tracking``, ``config.scoring`` and ``config.streaming`` are frozen views of theirs, and a
+group may be given as a keyword or a YAML block (``InfluenceConfig(scoring={"damping": 0.1})``)
+beside the flat keywords, which stay the primary spelling (``InfluenceConfig(damping=0.1)``,
+``config.damping``).
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import asdict, dataclass, fields, is_dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
-
+from .. import _checks
+from .._checks import KnownFields, plain_fields, reject_unknown_fields
 from ..errors import ConfigurationError
-from ..curvature.layers import SUPPORTED_TYPES
+from .choices import ACCUMULATION_DTYPES, FISHERS, STRATEGIES, STREAM_WEIGHTS, SUPPORTED_TYPES
+from .groups import GROUP_FIELDS, flatten_groups, group_classes
 
-STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
-FISHERS = ("empirical", "sampled")
-ACCUMULATION_DTYPES = ("float32", "float64")
-STREAM_WEIGHTS = ("none", "lr")
+_KnownFields = KnownFields  # the name the options module used before `_checks` held it
 
 
-class _KnownFields(type):
-    """Metaclass refusing unknown keyword arguments with a message instead of Python's TypeError."""
+class _GroupedFields(KnownFields):
+    """`KnownFields` that also takes the groups (``curvature=``, ``scoring=``, …) as keywords."""
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        reject_unknown_fields(cls, kwargs)
-        return super().__call__(*args, **kwargs)
+        return super().__call__(*args, **flatten_groups(cls.__name__, kwargs))
 
 
 @dataclass
-class InfluenceConfig(metaclass=_KnownFields):
+class InfluenceConfig(metaclass=_GroupedFields):
     """Settings of curvature tracking, factor fitting and scoring.
 
     Attributes:
@@ -122,7 +125,7 @@ class InfluenceConfig(metaclass=_KnownFields):
         refine_steps: preconditioned conjugate-gradient steps refining each query's
             preconditioned gradient towards ``(G + Λ)⁻¹ ∇f(q)`` with G the exact Gauss-Newton
             matrix of the tracked parameters (``Λ``: each layer's damping), EK-FAC as the
-            preconditioner (`infl_plugin.refine`). Each step costs one Gauss-Newton-vector product
+            preconditioner (`infl_plugin.scoring.refine`). Each step costs one Gauss-Newton-vector product
             per query over ``refine_batches`` training batches. 0 (default): plain EK-FAC.
         refine_batches: evenly spaced training batches the Gauss-Newton-vector products of
             ``refine_steps`` read (the curvature data given to the `Attributor`).
@@ -198,15 +201,42 @@ class InfluenceConfig(metaclass=_KnownFields):
             for value in self.module_types:
                 _choice("module_types", value, SUPPORTED_TYPES)
 
+    @property
+    def curvature(self) -> Any:
+        """The curvature group: ``strategy``, ``fisher``, ``modules``, ``module_types``,
+        ``accumulation_dtype``, ``seed``, ``fisher_samples``, ``max_fit_batches``."""
+        return self._group("curvature")
+
+    @property
+    def tracking(self) -> Any:
+        """The tracking group: ``update_every``, ``sample_every``, ``half_life``,
+        ``half_life_fraction``, ``statistics_fraction``, ``min_statistics_steps``."""
+        return self._group("tracking")
+
+    @property
+    def scoring(self) -> Any:
+        """The scoring group: ``damping``, ``query_rank``, ``refine_steps``, ``refine_batches``."""
+        return self._group("scoring")
+
+    @property
+    def streaming(self) -> Any:
+        """The streaming group: ``stream_every``, ``stream_refresh_every``, ``stream_weight``."""
+        return self._group("streaming")
+
+    def _group(self, name: str) -> Any:
+        return GROUPS[name](**{field: getattr(self, field) for field in GROUP_FIELDS[name]})
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain-Python copy (for JSON metadata and logging)."""
+        """Plain-Python copy, flat (for JSON metadata, artifacts and logging)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "InfluenceConfig":
-        """Build from a mapping (a loaded JSON or a DictConfig); unknown keys are an error."""
+        """Build from a mapping (a loaded JSON or a DictConfig), flat or with group blocks; unknown
+        keys are an error."""
+        values = flatten_groups(cls.__name__, dict(values))
         reject_unknown_fields(cls, values)
-        return cls(**dict(values))
+        return cls(**values)
 
 
 def resolve_config(owner: str, config: Any) -> InfluenceConfig:
@@ -222,38 +252,16 @@ def resolve_config(owner: str, config: Any) -> InfluenceConfig:
                              f"{type(config).__name__}")
 
 
-def plain_fields(values: Any) -> dict[str, Any]:
-    """The fields of a dataclass instance (not recursively), an OmegaConf DictConfig (resolved to
-    plain containers) or a mapping, as a ``dict``."""
-    if is_dataclass(values) and not isinstance(values, type):
-        return {f.name: getattr(values, f.name) for f in fields(values)}
-    if isinstance(values, DictConfig):
-        return dict(OmegaConf.to_container(values, resolve=True))
-    return dict(values)
-
-
-def reject_unknown_fields(cls: type, values: Any, owner: Optional[str] = None) -> None:
-    """Raise ``ValueError`` naming the keys of ``values`` that are not fields of dataclass ``cls``."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigurationError(f"{owner or cls.__name__} has no field(s) {unknown}; allowed fields: {sorted(known)}")
-
-
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if not isinstance(value, str) or value not in allowed:
-        raise ConfigurationError(f"InfluenceConfig.{name} must be one of {list(allowed)}, got {value!r}")
+    _checks.choice("InfluenceConfig", name, value, allowed)
 
 
 def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"InfluenceConfig.{name} must be an integer >= 1, got {value!r}")
+    _checks.positive_int("InfluenceConfig", name, value)
 
 
 def _positive_number(name: str, value: Any) -> None:
-    """A finite int or float > 0 (bools and strings refused)."""
-    if isinstance(value, (bool, str)) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ConfigurationError(f"InfluenceConfig.{name} must be a finite number > 0, got {value!r}")
+    _checks.positive_number("InfluenceConfig", name, value)
 
 
 def _damping(value: Any) -> None:
@@ -271,5 +279,9 @@ InfluenceConfig.__signature__ = inspect.Signature(  # the dataclass fields, not 
     list(inspect.signature(InfluenceConfig.__init__).parameters.values())[1:]
 )
 
-__all__ = ["InfluenceConfig", "STRATEGIES", "FISHERS", "ACCUMULATION_DTYPES", "STREAM_WEIGHTS", "plain_fields",
+GROUPS = group_classes(InfluenceConfig)  # group name → its frozen dataclass
+CurvatureSettings, TrackingSettings, ScoringSettings, StreamingSettings = (GROUPS[g] for g in GROUP_FIELDS)
+
+__all__ = ["ACCUMULATION_DTYPES", "CurvatureSettings", "FISHERS", "GROUPS", "InfluenceConfig", "STRATEGIES",
+           "STREAM_WEIGHTS", "ScoringSettings", "StreamingSettings", "TrackingSettings", "plain_fields",
            "reject_unknown_fields", "resolve_config"]

@@ -24,10 +24,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, List, Optional
 
-from ..run.candidates import DEFAULT_CANDIDATES, check_candidates
-from .influence import _KnownFields, plain_fields, reject_unknown_fields
+from .._checks import KnownFields, flag, integer, plain_fields, reject_unknown_fields
 from ..errors import ConfigurationError
-from ..report.tensorboard import RENDERERS
+from .choices import DEFAULT_CANDIDATES, RENDERERS, check_candidates
 
 DEPRECATED_NAMES = {"on_save": "attribute_on_save", "on_evaluate": "attribute_on_evaluate",
                     "at_train_end": "attribute_at_train_end", "max_candidates": "num_candidates"}
@@ -36,7 +35,7 @@ _OWNER: contextvars.ContextVar[str] = contextvars.ContextVar("infl_plugin_option
 
 
 @dataclass
-class AttributionOptions(metaclass=_KnownFields):
+class AttributionOptions(metaclass=KnownFields):
     """When to attribute, what to score, and what to keep and show.
 
     Attributes:
@@ -47,7 +46,7 @@ class AttributionOptions(metaclass=_KnownFields):
         attribute_at_train_end: attribute when training ends (at most one attribution per step).
         num_queries: how many query examples to explain, evenly spaced over the ones given
             (``None``: all; a ready query loader is used as it is).
-        candidates: what an attribution scores (`infl_plugin.candidates`): ``"stream"`` (the
+        candidates: what an attribution scores (`infl_plugin.run.candidates`): ``"stream"`` (the
             training examples seen since the previous attribution, with the scores streamed from
             their training backward, no candidate pass; ``"all"`` until streamed scores exist),
             ``"all"`` (a pass over the training set in a fixed order), ``"tfidf"`` (each query's
@@ -63,7 +62,7 @@ class AttributionOptions(metaclass=_KnownFields):
             Lightning, ``per_device_eval_batch_size`` in Hugging Face).
         num_workers: worker processes of the attribution loaders.
         renderer: how an example is shown: one of ``"auto"``, ``"image"``, ``"text"``, ``"repr"``,
-            or a `infl_plugin.reporting.Renderer` (not in a YAML/structured config).
+            or a `infl_plugin.report.renderers.Renderer` (not in a YAML/structured config).
         image_shape: reshape flat examples to this image shape (``[8, 8]`` for sklearn digits).
         token_sequences: per query, the top helpful and harmful sequences whose per-token and
             per-layer scores are computed and shown (token inputs only; 0: none).
@@ -95,10 +94,10 @@ class AttributionOptions(metaclass=_KnownFields):
         for name, minimum, optional in (("every_n_steps", 1, True), ("num_queries", 1, True),
                                         ("top_k", 1, False), ("batch_size", 1, True), ("num_workers", 0, False),
                                         ("token_sequences", 0, False), ("top_tokens", 1, False)):
-            _integer(owner, name, getattr(self, name), minimum, optional)
-        _flag(owner, "attribute_on_save", self.attribute_on_save, optional=True)
+            integer(owner, name, getattr(self, name), minimum, optional)
+        flag(owner, "attribute_on_save", self.attribute_on_save, optional=True)
         for name in ("attribute_on_evaluate", "attribute_at_train_end", "self_influence", "progress", "strict"):
-            _flag(owner, name, getattr(self, name))
+            flag(owner, name, getattr(self, name))
         check_candidates(self.candidates, self.num_candidates, owner, allow_dataset=True)
         renderer = self.renderer
         if not (renderer in RENDERERS if isinstance(renderer, str) else callable(renderer) or hasattr(renderer, "render")):
@@ -113,7 +112,7 @@ class AttributionOptions(metaclass=_KnownFields):
 
     @property
     def candidate_mode(self) -> str:
-        """The `infl_plugin.candidates` mode: ``candidates``, or ``"all"`` for a given dataset."""
+        """The `infl_plugin.run.candidates` mode: ``candidates``, or ``"all"`` for a given dataset."""
         return self.candidates if isinstance(self.candidates, str) else "all"
 
     @property
@@ -160,19 +159,6 @@ def _is_default(name: str, value: Any) -> bool:
     """Whether ``value`` is field ``name``'s default (plain values only: a dataset is never one)."""
     default = _DEFAULTS[name]
     return type(value) is type(default) and isinstance(value, (bool, int, str, type(None))) and value == default
-
-
-def _integer(owner: str, name: str, value: Any, minimum: int, optional: bool) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigurationError(f"{owner}.{name} must be {'None or ' if optional else ''}an integer >= {minimum}, "
-                                 f"got {value!r}")
-
-
-def _flag(owner: str, name: str, value: Any, optional: bool = False) -> None:
-    if not (isinstance(value, bool) or (optional and value is None)):
-        raise ConfigurationError(f"{owner}.{name} must be {'None, ' if optional else ''}True or False, got {value!r}")
 
 
 AttributionOptions.__signature__ = inspect.Signature(  # the dataclass fields, not the metaclass's (*args, **kwargs)

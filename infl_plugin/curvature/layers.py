@@ -30,9 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config.choices import SUPPORTED_TYPES
 from ..errors import ConfigurationError
-
-SUPPORTED_TYPES = ("Linear", "Conv1D", "Conv2d")
 
 
 @dataclass(frozen=True)

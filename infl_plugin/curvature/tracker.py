@@ -1,9 +1,10 @@
-"""`InfluenceTracker`: curvature statistics accumulated during the user's own training loop.
+"""`CurvatureTracker`: curvature statistics accumulated during the user's own training loop
+(the public `InfluenceTracker` of `infl_plugin.scoring.streaming` adds the streaming scorer).
 
 Constructing a tracker only builds its state; its hooks go on the model explicitly and come off
 on `close` (or at the end of the ``with`` block)::
 
-    with InfluenceTracker(model, task, config) as tracker:  # or: tracker = InfluenceTracker(...).attach()
+    with CurvatureTracker(model, task, config) as tracker:  # or: tracker = CurvatureTracker(...).attach()
         for epoch in range(epochs):
             for batch in loader:
                 loss = ...; loss.backward(); optimizer.step(); optimizer.zero_grad()
@@ -12,7 +13,7 @@ on `close` (or at the end of the ``with`` block)::
     factors = tracker.factors(loader)  # a bounded pass (hooks on for it alone) only if still needed
 
 With ``fisher="empirical"`` the statistics come from the training backward itself: hooks capture
-``(a, g)`` while ``loss.backward()`` runs and `InfluenceTracker.step` commits them, undoing the
+``(a, g)`` while ``loss.backward()`` runs and `CurvatureTracker.step` commits them, undoing the
 loss scaling (mean over the batch, gradient accumulation, AMP loss scale) so they are per-example.
 With ``fisher="sampled"`` the training backward is ignored and `step` runs one extra pass with
 labels drawn from the model (every ``sample_every`` statistics steps).
@@ -27,25 +28,12 @@ moving averages over optimizer steps (old parameters forgotten); ``statistics_fr
 each statistics step's statistics on a random subset of its examples (`ExampleSubsample`);
 ``min_statistics_steps`` keeps an eigenbasis until its eigenvalues rest on that many statistics
 steps, and `factors` warns about (or, given a loader, replaces) eigenvalues resting on fewer.
-With ``fisher="sampled"`` each visit of an example draws new pseudo-labels, so the draws per
-example grow with the epochs (``fisher_samples`` sets them for the post-hoc passes).
+With ``fisher="sampled"`` each visit of an example draws new pseudo-labels (``fisher_samples``
+sets the draws of the post-hoc passes).
 
-Streaming attribution (``queries=`` or `set_queries`): the same training backward also scores
-every example of the micro-batch against the queries' preconditioned gradients (see
-`streaming`); `step` takes the examples' dataset indices, and `streamed_scores` returns each
-example's influence at the times it was trained on, summed over its visits. The queries are
-re-preconditioned at the current parameters with the best factors available: at optimizer steps
-1, 2, 4, 8, … (each interval as long as the run before it, so a short run follows its curvature
-from the start), then every ``stream_refresh_every`` steps, and at once when better factors
-become available. With EK-FAC the queries are K-FAC-preconditioned (the covariances alone,
-available from the first statistics step) until ``min_statistics_steps`` statistics steps have
-accumulated eigenvalues in an eigenbasis (the first due refresh sets one, `refresh_eigenbasis`),
-then EK-FAC. Sums never mix preconditionings: when better-preconditioned queries arrive the
-scorer drops the sums so far (`superseded_batches` counts them), since early visits scored with
-worse queries dominated the sums (digits MLP: 0.47 LDS mixed against 0.65 superseded; a 100-step
-LM fine-tune streams with K-FAC at 0.9× checkpoint EK-FAC: benchmarks/streaming.py and
-benchmarks/short_finetune.py).
-`StreamedScores.batches` says which preconditioning scored how many micro-batches.
+Riders: other consumers of the same training backward register with `add_rider` (the streaming
+scorer does, through `InfluenceTracker`); the tracker routes the captures to each rider on the
+steps it is due and tells it when a micro-batch and an optimizer step end.
 """
 
 from __future__ import annotations
@@ -53,45 +41,65 @@ from __future__ import annotations
 import logging
 import warnings
 from contextlib import contextmanager
-from dataclasses import replace
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Protocol, Sequence, Union
 
 import torch
 from torch import nn
 
-from ..scoring.attributor import Attributor
+from ..config.groups import statistics_changes
 from ..config.influence import InfluenceConfig
 from .factors import Factors, compute_factors, eigenbases
 from .fitting import accumulate, new_statistics
-from .hooks import LayerHooks, fan_out
+from .hooks import LayerHooks, Sink, fan_out
 from .layers import select_layers
-from .passes import backward_pass, isolated, model_device
+from .passes import backward_pass, isolated
 from .statistics import CurvatureStatistics
-from ..scoring.streaming.scorer import RANK, StreamedScores, StreamingScorer
 from .subsample import ExampleSubsample
 from ..tasks import Task
 
 logger = logging.getLogger(__name__)
 
 
-class InfluenceTracker:
+class Rider(Protocol):
+    """A consumer of the training backward's captures beside the statistics (the streaming scorer).
+
+    ``due``: whether the backward in flight feeds it; ``sink``: what the hooks hand the captures
+    to on those steps; `after_backward` commits or discards what the micro-batch left in the sink
+    (``hook_error``: why its capture failed, or ``None``); `after_optimizer_step` follows the
+    optimizer step's counters; ``state_dict`` entries join the tracker's.
+    """
+
+    @property
+    def due(self) -> bool: ...
+
+    @property
+    def sink(self) -> Sink: ...
+
+    def after_backward(self, batch: Any, grad_scale: Any, indices: Any, weight: Any, stream: bool,
+                       hook_error: Optional[str]) -> None: ...
+
+    def after_optimizer_step(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def state_dict(self, gathered: bool = False) -> dict: ...
+
+    def load_state_dict(self, state: dict, sums: bool = True) -> None: ...
+
+
+class CurvatureTracker:
     """Accumulates curvature statistics from the training loop; a context manager.
 
     The constructor registers no hooks on ``model``: `attach` does (idempotent; returns the
-    tracker, so ``tracker = InfluenceTracker(...).attach()``), and so does entering
-    ``with InfluenceTracker(...) as tracker:``; `close` (or leaving the block) removes them all.
+    tracker, so ``tracker = CurvatureTracker(...).attach()``), and so does entering
+    ``with CurvatureTracker(...) as tracker:``; `close` (or leaving the block) removes them all.
     Call `step` once after each micro-batch's ``backward()`` (and after ``optimizer.step()``, so
     that streaming queries refreshed there are at the parameters of the next backward);
     ``optimizer_step=False`` marks micro-batches that do not end an optimizer step (gradient
-    accumulation), so that ``update_every`` and the ``stream_*`` intervals count optimizer steps.
-
-    Args:
-        queries: batches (a list, or a loader read once into a list) whose influence is streamed;
-            ``None`` (default) disables streaming (see `set_queries`).
+    accumulation), so that ``update_every`` and the riders' intervals count optimizer steps.
     """
 
-    def __init__(self, model: nn.Module, task: Task, config: Optional[InfluenceConfig] = None,
-                 queries: Optional[Iterable] = None) -> None:
+    def __init__(self, model: nn.Module, task: Task, config: Optional[InfluenceConfig] = None) -> None:
         self.model = model
         self.task = task
         self.config = config or InfluenceConfig()
@@ -109,21 +117,18 @@ class InfluenceTracker:
         self.updates = 0
         self._last_commit_step: Optional[int] = None  # optimizer step of the last committed statistics
         self._basis_updates: Optional[int] = None  # `updates` when the current eigenbasis was set
-        self.scorer = StreamingScorer(self.layers, getattr(torch, self.config.accumulation_dtype))
-        self.failed_query_refreshes = 0
-        self._queries: Optional[list] = None
-        self._given_factors: Optional[Factors] = None  # the last factors handed to `refresh_queries`
-        self._resumed_stream: Optional[dict] = None  # a loaded stream state waiting for `set_queries`
-        self._last_query_refresh = 0
-        self._dropped_warned = 0
-        if queries is not None:
-            self.set_queries(queries)
+        self.riders: list[Rider] = []
+
+    def add_rider(self, rider: Rider) -> None:
+        """Feed ``rider`` from the training backward too (after the statistics, in the order added)."""
+        self.riders.append(rider)
+        self.rearm()
 
     # ----------------------------------------------------------------------------- lifecycle
-    def attach(self) -> "InfluenceTracker":
+    def attach(self) -> "CurvatureTracker":
         """Register the hooks on the model (idempotent); returns the tracker."""
         self.hooks.attach()
-        self._arm()
+        self.rearm()
         return self
 
     @property
@@ -134,11 +139,12 @@ class InfluenceTracker:
     def close(self) -> None:
         """Remove every hook (also safe after an exception or a second call)."""
         self.hooks.close()
-        self.scorer.discard()
+        for rider in self.riders:
+            rider.close()
         if self.statistics is not None:
             self.statistics.discard()
 
-    def __enter__(self) -> "InfluenceTracker":
+    def __enter__(self) -> "CurvatureTracker":
         return self.attach()
 
     def __exit__(self, *exc: object) -> None:
@@ -178,11 +184,11 @@ class InfluenceTracker:
                 ``task.training_loss_scale(batch)``; multiply it by ``1/accumulation_steps`` and by
                 the AMP loss scale when those apply. Read only when `needs_grad_scale` was true.
             optimizer_step: whether this micro-batch ends an optimizer step.
-            indices: dataset indices ``[B]`` of the micro-batch's examples; required on streaming
-                steps (`streaming`).
+            indices: dataset indices ``[B]`` of the micro-batch's examples, for the riders (required
+                on streaming steps).
             weight: this step's weight of the streamed scores (the learning rate with
                 ``stream_weight="lr"``, where it is required); default 1.
-            stream: ``False`` leaves this micro-batch out of the streamed scores (its dataset
+            stream: ``False`` leaves this micro-batch out of the riders' scores (its dataset
                 indices are unknown); its statistics are committed as usual.
 
         Raises ``RuntimeError`` when the hooks are not attached (nothing was captured).
@@ -190,10 +196,8 @@ class InfluenceTracker:
         if not self.hooks.attached:
             raise RuntimeError("InfluenceTracker.step: the hooks are not attached, so the backward was not "
                                "captured; call tracker.attach() or use `with InfluenceTracker(...) as tracker:`")
-        if self.streaming and stream:
-            self._stream(batch, grad_scale, indices, weight)
-        else:
-            self.scorer.discard()
+        for rider in self.riders:
+            rider.after_backward(batch, grad_scale, indices, weight, stream, self._hook_error)
         updated = False
         if self._hook_error is not None and self.statistics is not None:
             self.statistics.discard()
@@ -217,11 +221,12 @@ class InfluenceTracker:
         if optimizer_step:
             self.updates += int(self._due() and self.statistics is not None)
             self.optimizer_steps += 1
-            self._maybe_refresh_queries()
+            for rider in self.riders:
+                rider.after_optimizer_step()
         self.hooks.explicit_mask = None
         if self.subsample is not None:
             self.subsample.next_step()
-        self._arm()
+        self.rearm()
         return updated
 
     def _on_hook_error(self, layer, error: Exception) -> None:
@@ -239,25 +244,21 @@ class InfluenceTracker:
         return self.statistics is not None and self.config.fisher == "empirical" and self._due()
 
     @property
-    def streaming(self) -> bool:
-        """Whether the training backward in flight is scored against the streaming queries."""
-        return self._queries is not None and self.optimizer_steps % self.config.stream_every == 0
-
-    @property
     def needs_grad_scale(self) -> bool:
-        """Whether `step` reads ``grad_scale`` for the micro-batch in flight (statistics or
-        streaming): callers compute the scale (a device sync) only when this is true."""
-        return self.capturing or self.streaming
+        """Whether `step` reads ``grad_scale`` for the micro-batch in flight (statistics or a
+        rider): callers compute the scale (a device sync) only when this is true."""
+        return self.capturing or any(rider.due for rider in self.riders)
 
-    def _arm(self) -> None:
-        """Route the next training backward's captures to the statistics and/or the streaming
-        scorer, each only on the steps it is due (no hook work at all on other steps)."""
+    def rearm(self) -> None:
+        """Route the next training backward's captures to the statistics and/or the riders, each
+        only on the steps it is due (no hook work at all on other steps)."""
         statistics = self.subsample or self.statistics
-        self.hooks.sink = fan_out(*[s for s, due in ((statistics, self.capturing), (self.scorer, self.streaming)) if due])
+        due = [(statistics, self.capturing), *((rider.sink, rider.due) for rider in self.riders)]
+        self.hooks.sink = fan_out(*[s for s, on in due if on])
 
     @contextmanager
     def paused(self) -> Iterator[None]:
-        """Keep the training sink (statistics and streaming) out of the forwards and backwards run
+        """Keep the training sink (statistics and riders) out of the forwards and backwards run
         inside the block (extra passes: query refreshes, checkpoint scoring); restored on exit."""
         hooks = self.hooks
         sink, mask = hooks.sink, hooks.explicit_mask
@@ -266,166 +267,6 @@ class InfluenceTracker:
             yield
         finally:
             hooks.sink, hooks.explicit_mask = sink, mask
-
-    # ----------------------------------------------------------------------------- streaming
-    def set_queries(self, queries: Optional[Iterable]) -> None:
-        """Stream the influence of training examples on ``queries`` (``None`` stops streaming).
-
-        ``queries`` is read once into a list (a shuffling loader would otherwise reorder the
-        queries between refreshes) and preconditioned now with the current factors (a collective
-        when distributed). Streamed scores so far are reset.
-        """
-        self.scorer.reset()
-        if queries is None:
-            self._queries = None
-            self.scorer.set_queries(None)
-        else:
-            batches = list(queries)
-            if not batches:
-                raise ValueError("The query loader yielded no batch")
-            self._queries = batches
-            resumed = self._resumed_stream is not None and self._resume_stream(
-                sum(self.task.batch_size(batch) for batch in batches))
-            if not resumed:
-                self.refresh_queries()
-        self._arm()
-
-    def refresh_queries(self, factors: Optional[Factors] = None) -> str:
-        """Re-differentiate and precondition the streaming queries at the current parameters.
-
-        ``factors`` default to the tracker's own (see the module docstring; a collective when
-        distributed: every rank calls this at the same step). The query pass is isolated: eval
-        mode, forked RNG, training sink paused, no parameter ``.grad`` touched. Returns the
-        preconditioning used (``"ekfac"``, ``"kfac"``, ``"diagonal"`` or ``"identity"``).
-        """
-        if self._queries is None:
-            raise RuntimeError("No streaming queries: call set_queries(...) first")
-        if factors is not None:
-            self._given_factors, used = factors, factors.strategy
-        else:
-            factors, used = self._streaming_factors()
-        with warnings.catch_warnings():  # layer selection warnings were given by the tracker already
-            warnings.simplefilter("ignore")
-            attributor = Attributor(self.model, self.task, factors, replace(self.config, strategy=used))
-        with self.paused(), torch.inference_mode(False), torch.enable_grad():
-            queries = attributor.precondition(self._queries, collective=True)
-        self.scorer.set_queries(queries, used)
-        self._last_query_refresh = self.optimizer_steps
-        return used
-
-    @property
-    def has_queries(self) -> bool:
-        """Whether streaming queries are set (`set_queries`)."""
-        return self._queries is not None
-
-    def _ready(self) -> str:
-        """The best preconditioning available now: the tracker's own (`_own_ready`) or that of
-        the factors given to `refresh_queries` (an attribution's), whichever ranks higher in
-        identity < diagonal < K-FAC < EK-FAC. Read from counters equal on every process, so the
-        collectives it leads to are entered by all of them."""
-        own = self._own_ready()
-        given = None if self._given_factors is None else self._given_factors.strategy
-        return given if given is not None and RANK[given] > RANK[own] else own
-
-    def _own_ready(self) -> str:
-        """The configured strategy once its factors exist; EK-FAC needs an eigenbasis with
-        eigenvalues from ``max(1, min_statistics_steps)`` statistics steps and until then falls
-        back to K-FAC (the covariances alone: available from the first statistics step, so a short
-        run streams with curvature almost from its start); ``"identity"`` before any statistics."""
-        strategy = self.config.strategy
-        if self.statistics is None or strategy == "identity" or self.updates == 0:
-            return "identity"
-        if strategy == "ekfac":
-            enough = self.eigenvalue_steps >= max(1, self.config.min_statistics_steps)
-            return "ekfac" if self.statistics.bases is not None and enough else "kfac"
-        return strategy
-
-    def _streaming_factors(self) -> tuple[Factors, str]:
-        """Factors for `_ready`'s preconditioning: the given ones, or the tracker's own from the
-        statistics summed over processes (identity when the sums lack them, e.g. every batch so
-        far was skipped)."""
-        used = self._ready()
-        if self._given_factors is not None and used == self._given_factors.strategy != self._own_ready():
-            return self._given_factors, used
-        if used != "identity":
-            reduced = self.statistics.reduced()
-            complete = reduced.has_covariances if used == "kfac" else reduced.has_eigenvalues
-            if complete:
-                return compute_factors(reduced, self.layers, replace(self.config, strategy=used)), used
-            used = "identity"
-        return compute_factors(None, self.layers, replace(self.config, strategy=used)), used
-
-    def _maybe_refresh_queries(self) -> None:
-        """After an optimizer step, when the next step streams: refresh the queries when the
-        interval since the last refresh reaches the step of that refresh (the intervals double
-        from one step: steps 1, 2, 4, 8, …, so a short run's queries follow its parameters and
-        curvature from the start) capped at ``stream_refresh_every``, and at once when better
-        factors than the queries' became available (never downgrading, e.g. to K-FAC while the
-        eigenvalues of a new eigenbasis accumulate). With EK-FAC and no eigenbasis yet, the first
-        due refresh eigendecomposes the covariances so far (`refresh_eigenbasis`) so that EK-FAC
-        eigenvalues start accumulating without waiting for an attribution."""
-        every = self.config.stream_refresh_every
-        if self._queries is None or every is None or not self.streaming:
-            return
-        interval = self.optimizer_steps - self._last_query_refresh >= min(every, max(1, self._last_query_refresh))
-        try:
-            if interval and self.config.strategy == "ekfac" and self.statistics.bases is None and self.updates > 0:
-                self.refresh_eigenbasis()
-            ready, current = self._ready(), self.scorer.preconditioning or "identity"
-            if RANK[ready] < RANK[current]:
-                return
-            if interval or RANK[ready] > RANK[current]:
-                self.refresh_queries()
-        except Exception as error:  # noqa: BLE001 - a side task must never break training
-            self.failed_query_refreshes += 1
-            self._last_query_refresh = self.optimizer_steps
-            warnings.warn(f"infl_plugin: refreshing the streaming queries at optimizer step {self.optimizer_steps} "
-                          f"failed ({type(error).__name__}: {error}); scoring against the previous ones", stacklevel=3)
-
-    def _stream(self, batch: Any, grad_scale, indices, weight) -> None:
-        """Commit the micro-batch's streamed scores (or skip them after a failed capture)."""
-        if self._hook_error is not None:
-            self.scorer.discard()
-            self.scorer.skipped_batches += 1
-            warnings.warn(f"infl_plugin: skipped the streamed scores of micro-batch {self.micro_batches}: "
-                          f"{self._hook_error}", stacklevel=3)
-            return
-        if indices is None:
-            self.scorer.discard()
-            raise ValueError("InfluenceTracker.step(indices=...) is required while streaming: the dataset indices "
-                             "of the micro-batch's examples")
-        if weight is None:
-            if self.config.stream_weight == "lr":
-                self.scorer.discard()
-                raise ValueError('InfluenceConfig.stream_weight="lr": pass the learning rate as step(weight=...)')
-            weight = 1.0
-        scale = self.task.training_loss_scale(batch) if grad_scale is None else grad_scale
-        self.scorer.commit(indices, scale, weight)
-
-    def streamed_scores(self) -> StreamedScores:
-        """Scores streamed since the last `reset_stream` (or `set_queries`).
-
-        When distributed this is a collective (call it on every rank): each process scored its
-        own examples, and every rank receives the merge of all of them.
-        """
-        dropped = self.scorer.dropped_examples
-        if dropped > self._dropped_warned:
-            warnings.warn(f"infl_plugin: {dropped - self._dropped_warned} streamed example scores were NaN/inf and "
-                          "were dropped", stacklevel=2)
-            self._dropped_warned = dropped
-        return self.scorer.result().gather()
-
-    @property
-    def superseded_batches(self) -> dict[str, int]:
-        """Streamed micro-batches of this process dropped since `reset_stream`, by their queries'
-        preconditioning, because better-preconditioned queries replaced those (see
-        `StreamingScorer.set_queries`)."""
-        return dict(self.scorer.superseded_batches)
-
-    def reset_stream(self) -> None:
-        """Forget the streamed scores (the queries stay)."""
-        self.scorer.reset()
-        self._dropped_warned = 0
 
     def _sampled_update(self, batch: Any) -> bool:
         with isolated(self.model):
@@ -517,12 +358,8 @@ class InfluenceTracker:
 
     # ----------------------------------------------------------------------------- persistence
     def state_dict(self, gathered: bool = False) -> dict:
-        """Statistics, counters, RNG and the streaming state: the streamed sums (this process's;
-        ``gathered``: every process's, a collective), the preconditioned queries and the factors
-        last given to `refresh_queries` (CPU copies), so that a resumed run streams exactly as
-        this one would."""
-        streamed = self.scorer.result().gather() if gathered else None
-        return {
+        """Statistics, counters, RNG and the riders' states (``gathered``: their sums over every process)."""
+        state = {
             "statistics": None if self.statistics is None else self.statistics.state_dict(),
             "optimizer_steps": self.optimizer_steps,
             "micro_batches": self.micro_batches,
@@ -532,24 +369,24 @@ class InfluenceTracker:
             "last_commit_step": self._last_commit_step,
             "basis_updates": self._basis_updates,
             "subsample": None if self.subsample is None else self.subsample.state_dict(),
-            "stream": self.scorer.state_dict(streamed),
-            "last_query_refresh": self._last_query_refresh,
-            "given_factors": None if self._given_factors is None else self._given_factors.state_dict(),
         }
+        for rider in self.riders:
+            state.update(rider.state_dict(gathered))
+        return state
 
     def load_state_dict(self, state: dict, sums: bool = True) -> None:
-        """Restore `state_dict`. ``sums=False`` starts the statistics and streamed sums from zero
-        (in the same eigenbasis, with the same queries): the other processes of a run whose main
-        process holds the saved totals."""
-        if state["config"] != self.config.to_dict():
-            raise ValueError(f"Tracker state was saved with another InfluenceConfig: {state['config']}")
+        """Restore `state_dict`; ``sums=False`` zeroes the sums (ranks other than the main one)."""
+        changed = statistics_changes(state["config"], self.config.to_dict())
+        if changed:
+            saved = ", ".join(f"{name}={state['config'][name]!r} (now {getattr(self.config, name)!r})"
+                              for name in changed)
+            raise ValueError(f"Tracker state was saved with another InfluenceConfig: {saved} shape the saved "
+                             "statistics; resume with the saved values (fields that do not shape them, such as "
+                             "damping, query_rank or the streaming ones, may change)")
         if self.statistics is not None:
             self.statistics.load_state_dict(state["statistics"])
-            if not sums:
-                self.statistics.reset(covariances=True, eigenvalues=True)
-        if not sums and state.get("stream") is not None:
-            state = dict(state, stream=dict(state["stream"], indices=torch.zeros(0, dtype=torch.long), batches={},
-                                            layer_abs=None, skipped_batches=0, superseded_batches={}))
+        if self.statistics is not None and not sums:
+            self.statistics.reset(covariances=True, eigenvalues=True)
         self.optimizer_steps = int(state["optimizer_steps"])
         self.micro_batches = int(state["micro_batches"])
         self.updates = int(state["updates"])
@@ -558,24 +395,6 @@ class InfluenceTracker:
         self._basis_updates = state.get("basis_updates")
         if self.subsample is not None and state.get("subsample") is not None:
             self.subsample.load_state_dict(state["subsample"])
-        device = model_device(self.model)
-        if state.get("given_factors") is not None:
-            self._given_factors = Factors.from_state_dict(state["given_factors"], device)
-        if state.get("stream") is not None:
-            self._last_query_refresh = int(state["last_query_refresh"])
-            self._resumed_stream = state["stream"]
-            if self._queries is not None:
-                self._resume_stream(len(self.scorer.queries or ()))
-        self._arm()
-
-    def _resume_stream(self, num_queries: int) -> bool:
-        """Continue a loaded state's stream: its preconditioned queries (when saved for
-        ``num_queries`` queries) and sums. Returns whether the saved queries were taken."""
-        state, self._resumed_stream = self._resumed_stream, None
-        saved = state.get("queries")
-        if saved is not None and int(saved["measurements"].shape[0]) != num_queries:
-            warnings.warn(f"infl_plugin: the saved streaming state is for {int(saved['measurements'].shape[0])} "
-                          f"queries, this run streams {num_queries}; streamed scores restart from zero", stacklevel=3)
-            return False
-        self.scorer.load_state_dict(state, model_device(self.model))
-        return saved is not None
+        for rider in self.riders:
+            rider.load_state_dict(state, sums)
+        self.rearm()

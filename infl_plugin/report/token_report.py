@@ -1,19 +1,19 @@
 """Rendering of token-level and layer-level views of influence on sequences.
 
 The views themselves (`TokenViews`: per-token and per-layer scores of a query's chosen training
-sequences, with their markdown) are computed at attribution time by `infl_plugin.token_views`
-and travel in ``AttributionResult.token_views``. This module only draws them, without touching
+sequences) are computed at attribution time by `infl_plugin.results.token_views` and travel in
+``AttributionResult.token_views``. This module only draws them, without touching
 the model:
 
 * `token_heatmap_figure`: one row of coloured token cells per top sequence (`token_figure` for a
   `TokenViews`);
 * `layer_heatmap_figure`: layers × top sequences, each column a sequence's score split over the
   tracked layers (the paper's layer-wise figure; `layer_figure` for a `TokenViews`);
-* `TokenReporter`: a `TensorBoardReporter` that logs a result's token views (markdown and both
-  figures) next to the base reporter's tables and plots (used by the Hugging Face callback).
+* `TokenReporter`: a `TensorBoardReporter` that logs a result's token views (their Markdown,
+  `views_markdown`, and both figures) next to the base reporter's tables and plots (used by the
+  Hugging Face callback).
 
-Figures are pyplot-free matplotlib figures. The names of `infl_plugin.token_views` are
-re-exported here.
+Figures are pyplot-free matplotlib figures.
 """
 
 from __future__ import annotations
@@ -24,8 +24,11 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..results.artifacts import AttributionResult
-from .tensorboard import ExampleSource, TensorBoardReporter, TextRenderer
-from ..results.token_views import TokenViews, format_score, visible_token
+from ..results.views import TokenViews
+from .markdown import format_score, views_markdown, visible_token
+from .protocol import ExampleSource
+from .renderers import TextRenderer
+from .tensorboard import TensorBoardReporter
 
 
 # ------------------------------------------------------------------------------------ layers
@@ -200,7 +203,7 @@ class TokenReporter(TensorBoardReporter):
 
     A pure sink: it draws ``result.token_views`` (query position → `TokenViews` of that query's
     top helpful then top harmful sequences, filled at attribution time by
-    `infl_plugin.token_views.result_token_views`) and runs nothing through the model. Besides
+    `infl_plugin.results.token_views.result_token_views`) and runs nothing through the model. Besides
     everything the base reporter logs, per query with views (at most ``max_queries``):
 
     * Text ``influence_tokens/query_{q:03d}``: its most helpful and most harmful training
@@ -233,7 +236,7 @@ class TokenReporter(TensorBoardReporter):
                 head += (" Token scores are computed at this checkpoint; the tables' scores were streamed while "
                          "training on each sequence, so the two can differ.")
             head += "\n\n"
-            self.add_markdown(self.tag("influence_tokens", f"query_{q:03d}"), head + views.markdown, step)
+            self.add_markdown(self.tag("influence_tokens", f"query_{q:03d}"), head + views_markdown(views), step)
             if not helpful:
                 continue
             helpful_views = views.subset(helpful)

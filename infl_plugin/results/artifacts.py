@@ -24,9 +24,9 @@ Metadata: ``step``, ``reason``, ``strategy``, ``fisher``, ``config`` (the `Influ
 dict), ``layer_names``, ``duration_s``, ``num_candidates``, ``num_train`` (N of the mean training
 loss, for the predicted change ``-score / N``), ``measurement_name``, ``candidate_mode`` (which
 candidates were scored: ``"stream"``, ``"all"``, ``"tfidf"`` or ``"random"``, see
-`infl_plugin.candidates`), ``extra`` (JSON-able, free-form).
+`infl_plugin.run.candidates`), ``extra`` (JSON-able, free-form).
 
-Not written: ``token_views`` (query position → `infl_plugin.token_views.TokenViews`: token
+Not written: ``token_views`` (query position → `infl_plugin.results.token_views.TokenViews`: token
 strings and per-token tensors for the reporter's token and layer views); the artifact format does
 not depend on it and `read_artifacts` rows have no such column.
 """
@@ -45,7 +45,7 @@ import torch
 from ..serialization import replace_atomically
 
 if TYPE_CHECKING:
-    from .token_views import TokenViews
+    from .views import TokenViews
 
 ARTIFACT_DIR = "influence"
 ARTIFACT_PREFIX = "attribution-step"
@@ -80,7 +80,7 @@ class AttributionResult:
     extra: dict[str, Any] = field(default_factory=dict)
     num_train: Optional[int] = None  # examples the training loss averages over (None: num_candidates)
     measurement_name: str = "loss"  # what ``measurements`` and the scores' f are, for display
-    candidate_mode: str = "all"  # which candidates were scored (`infl_plugin.candidates`)
+    candidate_mode: str = "all"  # which candidates were scored (`infl_plugin.run.candidates`)
     # query position → views of its top helpful then top harmful sequences (not written to the artifact)
     token_views: dict[int, TokenViews] = field(default_factory=dict)
 
@@ -92,7 +92,7 @@ class AttributionResult:
     def predicted_change(self, scores: torch.Tensor) -> torch.Tensor:
         """First-order change of the query's measurement if an example's weight were doubled: ``-score / N``.
 
-        Up-weighting z by ε changes f by ``-ε · score`` (see `infl_plugin.attributor`); counting z
+        Up-weighting z by ε changes f by ``-ε · score`` (see `infl_plugin.scoring.attributor`); counting z
         twice in a mean over N training examples is ε = 1/N.
         """
         return -scores / self.training_set_size

@@ -18,41 +18,15 @@ The fixed sets (all but ``"stream"``) are chosen once, when the training data is
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from ..errors import ConfigurationError
-
-CANDIDATE_MODES = ("stream", "all", "tfidf", "random")
-DEFAULT_CANDIDATES = "stream"
-NEEDS_COUNT = ("tfidf", "random")
+from ..config.choices import CANDIDATE_MODES, DEFAULT_CANDIDATES, check_candidates
 
 Document = Union[str, list[str]]
-
-
-def check_candidates(mode: Any, num_candidates: Any, owner: str, allow_dataset: bool = False) -> None:
-    """Validate ``candidates`` / ``num_candidates`` of ``owner``; raise `ConfigurationError` (a
-    ``ValueError``) naming the field and the allowed values."""
-    if not isinstance(mode, str):
-        if allow_dataset and hasattr(mode, "__getitem__") and hasattr(mode, "__len__"):
-            return
-        raise ConfigurationError(f"{owner}.candidates must be one of {list(CANDIDATE_MODES)}"
-                         + (" or a Dataset" if allow_dataset else "") + f", got {mode!r}")
-    if mode not in CANDIDATE_MODES:
-        raise ConfigurationError(f"{owner}.candidates must be one of {list(CANDIDATE_MODES)}"
-                         + (" or a Dataset" if allow_dataset else "") + f", got {mode!r}")
-    if num_candidates is not None and (isinstance(num_candidates, bool) or not isinstance(num_candidates, int)
-                                       or num_candidates < 1):
-        raise ConfigurationError(f"{owner}.num_candidates must be None or an integer >= 1, got {num_candidates!r}")
-    if mode in NEEDS_COUNT and num_candidates is None:
-        raise ConfigurationError(f"{owner}.num_candidates must be an integer >= 1 with candidates={mode!r} "
-                         f"({'per-query TF-IDF candidates' if mode == 'tfidf' else 'size of the random subset'})")
-    if mode == "tfidf" and importlib.util.find_spec("sklearn") is None:
-        raise ConfigurationError(f"{owner}.candidates='tfidf' needs scikit-learn: pip install 'infl-plugin[tfidf]'")
 
 
 # --------------------------------------------------------------------------------- documents
@@ -126,6 +100,13 @@ class TfidfIndex:
 
 
 # --------------------------------------------------------------------------------- selection
+def spaced_indices(length: int, count: int) -> list[int]:
+    """``count`` evenly spaced positions in ``range(length)`` (all of them when count ≥ length)."""
+    if count >= length:
+        return list(range(length))
+    return torch.linspace(0, length - 1, count).round().long().tolist()
+
+
 def select_candidates(mode: str, size: int, num_candidates: Optional[int] = None, seed: int = 0,
                       documents: Optional[Callable[[], Sequence[Document]]] = None,
                       query_documents: Optional[Callable[[], Sequence[Document]]] = None) -> Optional[list[int]]:
@@ -139,8 +120,6 @@ def select_candidates(mode: str, size: int, num_candidates: Optional[int] = None
     if mode in ("all", "stream"):
         if num_candidates is None or num_candidates >= size:
             return None
-        from .data import spaced_indices
-
         return spaced_indices(size, num_candidates)
     if mode == "random":
         generator = torch.Generator().manual_seed(seed)
@@ -161,4 +140,4 @@ def dataset_documents(dataset: Any, indices: Optional[Sequence[int]] = None,
 
 
 __all__ = ["CANDIDATE_MODES", "DEFAULT_CANDIDATES", "TfidfIndex", "check_candidates", "dataset_documents",
-           "example_document", "select_candidates"]
+           "example_document", "select_candidates", "spaced_indices"]

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from .candidates import dataset_documents, select_candidates
+from .candidates import dataset_documents, select_candidates, spaced_indices
 from ..config.influence import InfluenceConfig
 from ..config.options import AttributionOptions
 
@@ -132,13 +132,6 @@ def eigenvalue_loader(candidates: Iterable, config: InfluenceConfig) -> Iterable
         return candidates
     return make_loader(candidates.dataset, candidates.batch_size or 1, candidates.collate_fn,
                        spaced_indices(length, EIGENVALUE_EXAMPLES), candidates.num_workers)
-
-
-def spaced_indices(length: int, count: int) -> list[int]:
-    """``count`` evenly spaced positions in ``range(length)`` (all of them when count ≥ length)."""
-    if count >= length:
-        return list(range(length))
-    return torch.linspace(0, length - 1, count).round().long().tolist()
 
 
 def _get(dataset: Any, index: int) -> Any:

@@ -1,6 +1,6 @@
 """`AttributionJob`: the scoring of one attribution, from factors to an `AttributionResult`.
 
-The queries are differentiated and preconditioned once; then either the candidate loader is
+The queries are differentiated and preconditioned once (or taken from the streaming refresh); then either the candidate loader is
 scored in a fixed order (all scores ``[Q, N]``, each layer's Σ|score| for the layer shares,
 optionally every candidate's self-influence) or the scores streamed from the training backward
 are taken as they are (with their per-layer Σ|score| for the layer shares). The result also
@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from ..results.artifacts import AttributionResult
+from ..scoring.analysis import layer_shares, tail_exponent
 from ..scoring.attributor import Attributor, PreconditionedQueries
 from ..config.influence import InfluenceConfig
 from .data import AttributionData
 from ..curvature.factors import Factors
 from ..config.options import AttributionOptions
-from ..report.tensorboard import layer_shares, tail_exponent
 from ..scoring.streaming.scorer import StreamedScores
 from ..tasks import Task
 from ..results.token_views import result_token_views
@@ -49,9 +49,12 @@ class AttributionJob:
         self.queries: Optional[PreconditionedQueries] = None
 
     def run(self, factors: Factors, data: AttributionData, step: int, reason: str,
-            streamed: Optional[StreamedScores] = None, extra: Optional[dict[str, Any]] = None) -> AttributionResult:
+            streamed: Optional[StreamedScores] = None, extra: Optional[dict[str, Any]] = None,
+            queries: Optional[PreconditionedQueries] = None) -> AttributionResult:
         """The `AttributionResult` of ``data``'s queries at ``step``: against ``streamed`` scores
-        when given (no candidate pass), else against ``data``'s candidate loader.
+        when given (no candidate pass), else against ``data``'s candidate loader. ``queries``:
+        ``data.queries`` already preconditioned with ``factors`` (the streaming refresh's), so that
+        an attribution preconditions them once.
 
         ``extra["durations"]`` (seconds of the passes before this job, e.g. ``"factors"``: the
         eigendecompositions and eigenvalue pass) is completed with ``"queries"`` and
@@ -60,7 +63,7 @@ class AttributionJob:
         durations = {k: float(v) for k, v in ((extra or {}).get("durations") or {}).items()}
         # the candidates are the training batches of refine_steps' Gauss-Newton products (unused at 0)
         self.attributor = attributor = Attributor(self.model, self.task, factors, self.config, data.candidates)
-        self.queries = pq = attributor.precondition(data.queries)
+        self.queries = pq = queries if queries is not None else attributor.precondition(data.queries)
         durations["queries"] = time.perf_counter() - started
         extra = {"candidates_requested": self.options.candidate_mode, **(extra or {}), "durations": durations}
         if streamed is not None:

@@ -31,7 +31,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..errors import ConfigurationError
-from ..report.tensorboard import Rendered, Renderer, TextRenderer, make_renderer
+from ..report.renderers import Rendered, Renderer, TextRenderer, make_renderer
 
 IGNORE_INDEX = -100
 ACCEPTED_FORMATS = (

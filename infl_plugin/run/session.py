@@ -20,7 +20,7 @@ translates its framework's events into calls on it::
 The pieces it wires together, each in its own module: `InfluenceTracker` (hooks and statistics),
 `AttributionSchedule` (when), `AttributionJob` (scoring, into an `AttributionResult` that holds
 every view a reporter shows), `SideTaskPolicy` (isolation from training, tolerance, failure
-counts), a `Reporter` and `write_artifact` (where results go).
+counts), a `Publisher` (where results go: a `Reporter`, the artifact files, the log).
 
 **Curvature schedule (EK-FAC).** The covariances A and S accumulate from the training backward
 over the whole run (every ``update_every``-th optimizer step, empirical Fisher; or one extra
@@ -51,7 +51,7 @@ from typing import Any, Callable, ContextManager, Iterable, Optional, Sequence, 
 import torch
 from torch import nn
 
-from ..results.artifacts import AttributionResult, write_artifact
+from ..results.artifacts import AttributionResult
 from ..scoring.attributor import Attributor, PreconditionedQueries
 from ..config.influence import InfluenceConfig
 from .data import AttributionData, DatasetSource, eigenvalue_loader
@@ -60,18 +60,17 @@ from .job import AttributionJob
 from ..curvature.loss_reduction import LossReduction
 from ..config.options import AttributionOptions, resolve_options
 from ..scoring.refine import register_curvature_data
-from ..report.tensorboard import Reporter
+from ..report.protocol import Reporter
 from .schedule import AttributionSchedule, Reason
-from ..serialization import clone_state
+from .session_state import STATE_VERSION, restore_session, session_state
 from .side_tasks import SideTaskPolicy
 from ..curvature.statistics import CurvatureStatistics
 from ..scoring.streaming.scorer import StreamedScores
 from ..tasks import Task
-from ..curvature.tracker import InfluenceTracker
+from ..scoring.streaming.tracker import InfluenceTracker
+from .publisher import Publisher
 
 logger = logging.getLogger("infl_plugin")
-
-STATE_VERSION = 1
 
 
 class InfluenceSession:
@@ -105,16 +104,13 @@ class InfluenceSession:
         self.tracker = InfluenceTracker(model, task, self.config)
         self.policy = SideTaskPolicy(self.tracker, self.options.strict)
         self.job = AttributionJob(model, task, self.config, self.options, show_progress=is_main)
-        self._reporter: Optional[Reporter] = None
-        self._reporter_state: Optional[dict] = None  # a loaded reporter state waiting for its reporter
-        self.artifact_dir: Optional[str] = None
+        self.publisher = Publisher(self.policy, self.log)
         self.data: Optional[AttributionData] = None
         self.eigenvalue_loader: Optional[Iterable] = None
         self.streaming_started = False
         self._superseded: dict[str, int] = {}  # streamed micro-batches superseded before the last gather
         self.unindexed_batches = 0  # streaming micro-batches whose dataset indices were unknown
         self.attributions = 0
-        self.last_result: Optional[AttributionResult] = None
         self.last_factors: Optional[Factors] = None
         self.reduction = LossReduction(task, self.options.strict)
 
@@ -122,18 +118,25 @@ class InfluenceSession:
     def reporter(self) -> Optional[Reporter]:
         """Where results are logged (e.g. a `TensorBoardReporter`; ``None``: no report, the default).
         A reporter state restored before the reporter was set is handed to it when it is."""
-        return self._reporter
+        return self.publisher.reporter
 
     @reporter.setter
     def reporter(self, reporter: Optional[Reporter]) -> None:
-        self._reporter = reporter
-        self._restore_reporter()
+        self.publisher.reporter = reporter
 
-    def _restore_reporter(self) -> None:
-        if self._reporter_state is not None and self._reporter is not None and hasattr(self._reporter, "load_state_dict"):
-            with self.policy.tolerant("restoring the reporter's state"):
-                self._reporter.load_state_dict(self._reporter_state)
-            self._reporter_state = None
+    @property
+    def artifact_dir(self) -> Optional[str]:
+        """Where each result is written as an artifact file (``None``: nowhere, the default)."""
+        return self.publisher.artifact_dir
+
+    @artifact_dir.setter
+    def artifact_dir(self, path: Optional[str]) -> None:
+        self.publisher.artifact_dir = path
+
+    @property
+    def last_result(self) -> Optional[AttributionResult]:
+        """The latest attribution's result (main process)."""
+        return self.publisher.last_result
 
     # ----------------------------------------------------------------------------- data
     def set_data(self, data: Union[AttributionData, Iterable], candidates: Optional[Iterable] = None, *,
@@ -305,17 +308,18 @@ class InfluenceSession:
                 if self.is_main or streaming:  # other ranks need factors only for their streaming queries
                     factors = self.tracker.factors(loader=self.eigenvalue_loader, reduced=reduced)
                 durations = {"factors": time.perf_counter() - factors_started}
+                queries = None  # the streaming queries just preconditioned, when the job may score with them
                 if streaming:  # the next interval streams against these factors (identical on every rank)
                     with self.policy.tolerant(f"preconditioning the streaming queries at step {step}"):
                         refresh_started = time.perf_counter()
                         self.tracker.refresh_queries(factors)
                         durations["streaming_queries"] = time.perf_counter() - refresh_started
+                        queries = self._reusable_queries()
                 if self.is_main:
                     self.last_factors = factors
-                    result = self.job.run(factors, self.data, step, reason, streamed, extra={
+                    result = self.job.run(factors, self.data, step, reason, streamed, queries=queries, extra={
                         "skipped_batches": self.skipped_batches, "optimizer_steps": self.tracker.optimizer_steps,
-                        "streamed_superseded_batches": self._superseded,
-                        "durations": durations})
+                        "streamed_superseded_batches": self._superseded, "durations": durations})
                     with self.policy.tolerant(f"computing the token views of step {step}"):
                         self.job.add_token_views(result, self.data)
             except Exception as error:
@@ -331,7 +335,7 @@ class InfluenceSession:
         self.schedule.last_step = step
         self.attributions += 1
         if result is not None:
-            self._publish(result)
+            self.publisher.publish(result, self.source)
         return result
 
     @property
@@ -359,6 +363,15 @@ class InfluenceSession:
         self.tracker.reset_stream()
         return streamed if len(streamed) else None
 
+    def _reusable_queries(self) -> Optional[PreconditionedQueries]:
+        """The streaming queries just refreshed, which are the job's queries too (same queries,
+        parameters, factors and configuration), unless refinement's Gauss-Newton products were
+        summed over processes for them (the job's own are this process's)."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if self.config.refine_steps and distributed:
+            return None
+        return self.tracker.scorer.queries
+
     def _has_statistics(self, reduced: Optional[CurvatureStatistics]) -> bool:
         """Whether the statistics summed over processes (``None``: none needed) can give factors."""
         if reduced is None:
@@ -367,59 +380,19 @@ class InfluenceSession:
             return reduced.has_eigenvalues
         return reduced.has_covariances
 
-    def _publish(self, result: AttributionResult) -> None:
-        """Report and write the artifact (main process); failures warn, never raise (unless strict)."""
-        self.last_result = result
-        if self.reporter is not None:
-            with self.policy.tolerant(f"writing the report of step {result.step}"), self.policy.isolated():
-                self.reporter.log(result, self.source, result.step)
-        if self.artifact_dir is not None:
-            with self.policy.tolerant(f"writing the artifact of step {result.step}"):
-                write_artifact(self.artifact_dir, result)
-        self.log(f"infl_plugin: attribution at step {result.step} ({result.reason}) scored {result.num_candidates} "
-                 f"candidates ({result.candidate_mode}) against {result.num_queries} queries in {result.duration_s:.2f}s "
-                 f"(strategy={result.strategy}, fisher={result.fisher})")
-
     def tolerant(self, what: str) -> ContextManager[None]:
         """Run a side task of training: an error is raised when ``strict``, else warned about."""
         return self.policy.tolerant(what)
 
     # ----------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict:
-        """Statistics and streamed scores (summed over processes: call on every rank), the
-        streaming queries and their factors, counters, the tracker's RNG and, on the main process,
-        the reporter's state (when it has one).
-
-        Tensors are copies: later training does not change a returned state.
-        """
-        tracker_state = self.tracker.state_dict(gathered=True)
-        if self.tracker.statistics is not None:
-            tracker_state["statistics"] = clone_state(self.tracker.statistics.reduced().state_dict())
-        state = {
-            "version": STATE_VERSION,
-            "tracker": tracker_state,
-            "last_attribution_step": self.schedule.last_step,
-            "attributions": self.attributions,
-            "failed_attributions": self.policy.failed_attributions,
-            "failed_batches": self.policy.failed_batches,
-        }
-        if self._reporter is not None and hasattr(self._reporter, "state_dict"):
-            state["reporter"] = clone_state(self._reporter.state_dict())
-        return state
+        """Statistics (summed over processes: call on every rank), counters, the tracker's RNG and,
+        on the main process, the reporter's state (`session_state`; tensors are copies)."""
+        return session_state(self)
 
     def load_state_dict(self, state: dict, rank: int = 0) -> None:
-        """Restore `state_dict`. Statistics were summed over processes when saved, so only rank 0
-        keeps the sums; other ranks start from zero in the same eigenbasis."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"Unsupported InfluenceSession state version {state.get('version')!r}")
-        self.tracker.load_state_dict(clone_state(state["tracker"]), sums=rank == 0)
-        self.schedule.last_step = state["last_attribution_step"]
-        self.attributions = int(state["attributions"])
-        self.policy.failed_attributions = int(state["failed_attributions"])
-        self.policy.failed_batches = int(state["failed_batches"])
-        if rank == 0 and state.get("reporter") is not None:
-            self._reporter_state = state["reporter"]
-            self._restore_reporter()
+        """Restore `state_dict` (`restore_session`)."""
+        restore_session(self, state, rank)
 
 
 __all__ = ["InfluenceSession", "STATE_VERSION"]

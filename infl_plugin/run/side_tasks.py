@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from ..curvature.passes import forked_rng
-from ..curvature.tracker import InfluenceTracker
+from ..curvature.tracker import CurvatureTracker
 
 WARN_FIRST_BATCHES = 5  # skipped micro-batches warned about one by one; then every 100th
 
@@ -23,7 +23,7 @@ WARN_FIRST_BATCHES = 5  # skipped micro-batches warned about one by one; then ev
 class SideTaskPolicy:
     """Isolation, tolerance and failure counts of the side tasks of one training run."""
 
-    def __init__(self, tracker: InfluenceTracker, strict: bool = False) -> None:
+    def __init__(self, tracker: CurvatureTracker, strict: bool = False) -> None:
         self.tracker = tracker
         self.strict = strict
         self.failed_batches = 0

@@ -97,7 +97,7 @@ class Attributor:
     # ----------------------------------------------------------------------------- queries
     def precondition(self, queries: Iterable, curvature_batches: Optional[Iterable] = None, collective: bool = False) -> PreconditionedQueries:
         """Differentiate each query's measurement and apply ``(G + λI)⁻¹`` (rank-r when configured), refined on
-        ``curvature_batches`` (or ``curvature_data``) when ``config.refine_steps`` > 0 (`infl_plugin.refine`)."""
+        ``curvature_batches`` (or ``curvature_data``) when ``config.refine_steps`` > 0 (`infl_plugin.scoring.refine`)."""
         device = model_device(self.model)
         factors = self._device_factors(device)
         refine = query_refiner(self, curvature_batches, collective)  # None: plain preconditioning

@@ -206,14 +206,10 @@ class StreamingScorer:
 
     # ----------------------------------------------------------------------------- queries
     def set_queries(self, queries: Optional[PreconditionedQueries], preconditioning: str = "ekfac") -> None:
-        """Score later captures against ``queries`` (``None`` stops); sums so far are kept, unless
-        the new queries are preconditioned better (identity < diagonal < K-FAC < EK-FAC): then the
-        sums so far are dropped (counted in `superseded_batches`), so that the scores never add
-        visits of different preconditionings, whose early, worse-preconditioned visits would
-        dominate (benchmarks/streaming.py, benchmarks/short_finetune.py).
-
-        ``preconditioning`` names how the queries were preconditioned (see `StreamedScores`).
-        """
+        """Score later captures against ``queries`` (``None`` stops), preconditioned as
+        ``preconditioning`` names (see `StreamedScores`). Sums so far are kept unless the new
+        queries rank higher (`RANK`): then they are dropped and counted in `superseded_batches`,
+        so that sums never mix preconditionings (early, worse-preconditioned visits dominate)."""
         if queries is not None and any(RANK[preconditioning] > RANK[kind] for kind in self._batches):
             for kind, count in self._batches.items():
                 self.superseded_batches[kind] = self.superseded_batches.get(kind, 0) + count
