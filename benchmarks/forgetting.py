@@ -131,7 +131,7 @@ def main() -> None:
     print(body)
     print(f"{time.perf_counter() - started:.0f} s")
     if args.write:
-        write_section("Forgetting: tracked factors against post-hoc ones in three regimes", body,
+        write_section("Forgetting: tracked factors against post-hoc ones in three regimes (forgetting.py)", body,
                       "OMP_NUM_THREADS=2 python benchmarks/forgetting.py --write")
 
 

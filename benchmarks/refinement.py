@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ground_truth as gt  # noqa: E402
+import lm_finetune as lm  # noqa: E402
 from accuracy import lds_truth, train_model  # noqa: E402
 from common import lm_batches, setup_threads, table, tiny_gpt2, write_section  # noqa: E402
 
@@ -156,12 +157,58 @@ def gpt2_cost(steps: int = 2, queries: int = 4, batches: int = 4):
              f"{product_s / queries / fb:.2f}"]]
 
 
+def lm_rows(damping) -> list[list]:
+    """LDS of EK-FAC and refined EK-FAC on `lm_finetune.py`'s 100-step GPT-2 fine-tune (no dense
+    GGN at this size: LDS and cost only), products over 4 of its 10 training batches of 64."""
+    model = lm.finetune(torch.arange(lm.N_TRAIN), seed=0).eval()
+    task, train, queries = ip.CausalLMTask(), lm.train_batches(), lm.query_batches()
+    config = {"fisher": "sampled", "damping": damping, "refine_batches": 4}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        factors = ip.fit_factors(model, task, train, ip.InfluenceConfig(**config))
+        chosen = train[:: len(train) // 4][:4]
+        fb = forward_backward_time(model, task, chosen)
+        truth = lm.truth()
+        base, base_s, _ = refined(model, task, factors, config, train, queries, 0)
+        rows = [["GPT-2 fine-tune", "EK-FAC (refine_steps=0)", f"{gt.lds(base, truth):.3f}", 0, "-", "-"]]
+        for steps in STEPS:
+            scores, seconds, products = refined(model, task, factors, config, train, queries, steps)
+            per_query = max(seconds - base_s, 0.0) / lm.N_QUERY
+            rows.append(["GPT-2 fine-tune", f"refined, K={steps}", f"{gt.lds(scores, truth):.3f}", products,
+                         f"{per_query:.2f}", f"{per_query / fb:.2f}"])
+            print(rows[-1], flush=True)
+    return rows
+
+
+def lm_main(write: bool) -> None:
+    started = time.time()
+    parts = []
+    for damping in (None, L2):
+        label = "heuristic (0.1 × mean eigenvalue per layer)" if damping is None else f"λ = {damping:g} on every layer"
+        parts.append(f"**Damping: {label}**\n\n" + table(
+            ["problem", "scores", "LDS", "GGN products / query", "s / query",
+             "cost / query in fwd+bwd over the product batches"], lm_rows(damping)))
+    body = (f"Wall time {time.time() - started:.0f} s. The 100-step byte-level GPT-2 fine-tune of `lm_finetune.py` "
+            "(16 query sequences, LDS against 100 half subsets fine-tuned from the same weights). Factors: post-hoc "
+            "EK-FAC, sampled Fisher, one draw; Gauss-Newton products over 4 evenly spaced training batches of 64 "
+            "sequences (`refine_batches=4`). Cost columns as above.\n\n" + "\n\n".join(parts))
+    print(body)
+    if write:
+        write_section(HEADING + ": language-model fine-tune", body,
+                      "OMP_NUM_THREADS=2 python benchmarks/refinement.py --part lm")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the heuristic damping only")
+    parser.add_argument("--part", choices=["small", "lm"], default="small",
+                        help="the three small problems with exact GGN, or the GPT-2 fine-tune")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     threads = setup_threads()
+    if args.part == "lm":
+        lm_main(not args.no_write)
+        return
     started = time.time()
     dampings = [None] if args.quick else [None, L2]
     parts = []

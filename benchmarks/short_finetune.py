@@ -43,7 +43,7 @@ SETTINGS = {
     "update_every=1, min_statistics_steps=8": {"update_every": 1, "min_statistics_steps": 8},
     "half_life_fraction=0.2": {"half_life_fraction": 0.2},
     "strategy=kfac": {"strategy": "kfac"},
-    "defaults, stream_refresh_every=None (refreshed only when better factors exist)": {"stream_refresh_every": None},
+    "defaults, stream_refresh_every=None (no automatic refresh: the former behaviour on short runs)": {"stream_refresh_every": None},
 }
 
 def streamed_run(overrides: dict) -> tuple[torch.nn.Module, list, ip.InfluenceTracker]:

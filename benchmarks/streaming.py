@@ -376,10 +376,13 @@ def run_fidelity(refresh: bool) -> str:
             f"steps; query accuracy {accuracy:.2f}); {N_QUERY} held-out queries. Ground truth: {N_SUBSETS} random 50 % "
             f"subsets × {len(SEEDS)} seeds retrained with the same recipe (cached; {truth_s:.0f}s this run). Streaming: "
             "`InfluenceTracker` with statistics on every step, the EK-FAC eigenbasis refreshed after each epoch (as an "
-            "attribution would), queries refreshed every 10 optimizer steps unless stated; the queries are "
-            "unpreconditioned (gradient dot products) until EK-FAC factors exist: the first due refresh sets an "
-            "eigenbasis, and the queries switch to EK-FAC once `min_statistics_steps` (default "
-            f"{ip.InfluenceConfig().min_statistics_steps}) statistics steps have accumulated eigenvalues in it.\n\n"
+            "attribution would), queries refreshed at steps 1, 2, 4, 8 and then every 10 optimizer steps unless "
+            "stated; the queries are K-FAC-preconditioned from the first statistics step until EK-FAC factors exist "
+            "(the first due refresh sets an eigenbasis, EK-FAC takes over once `min_statistics_steps`, default "
+            f"{ip.InfluenceConfig().min_statistics_steps}, statistics steps have accumulated eigenvalues in it). Each "
+            "epoch is read separately; 'as one attribution at the end sees it' applies the scorer's rule (better "
+            "queries supersede the sums so far), 'summed over all visits alike' ignores it (the mixing the rule "
+            "prevents).\n\n"
             + table(["scores", "LDS (mean ± s.e. over queries)", "× checkpoint EK-FAC", "note"], body_rows)
             + f"\n\nTotal {elapsed:.0f}s.")
 
