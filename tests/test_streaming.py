@@ -301,9 +301,10 @@ def test_weights_scale_each_steps_scores():
 
 
 def test_preconditioning_follows_the_statistics():
-    """Gradient dot products until EK-FAC factors exist: the first due refresh (after 2 steps) sets
-    an eigenbasis, the queries switch to EK-FAC as soon as eigenvalues accumulated in it (after
-    step 3), then refresh every 2 steps; a refresh preconditions with the tracker's current factors."""
+    """Gradient dot products before any statistics; after the first statistics step the first due
+    refresh sets an eigenbasis and preconditions with K-FAC (no eigenvalues in it yet), the
+    queries switch to EK-FAC as soon as eigenvalues accumulated in it (after step 2), each upgrade
+    superseding the sums so far; a refresh preconditions with the tracker's current factors."""
     items = data()
     queries = list(loader(data(4, seed=3), 4))
     config = ip.InfluenceConfig(update_every=1, accumulation_dtype="float64", stream_refresh_every=2, damping=1e-3,
@@ -320,8 +321,9 @@ def test_preconditioning_follows_the_statistics():
             opt.zero_grad()
             tracker.step((x, y), indices=torch.arange(8 * i, 8 * i + 8))
             seen.append((tracker.statistics.bases is not None, tracker.scorer.preconditioning))
-        assert seen == [(False, "identity"), (True, "identity"), (True, "ekfac"), (True, "ekfac")]
-        assert tracker.streamed_scores().batches == {"identity": 3, "ekfac": 1}
+        assert seen == [(True, "kfac"), (True, "ekfac"), (True, "ekfac"), (True, "ekfac")]
+        assert tracker.streamed_scores().batches == {"ekfac": 2}
+        assert tracker.superseded_batches == {"identity": 1, "kfac": 1}
         assert tracker.refresh_queries() == "ekfac"
         expected = ip.Attributor(model, task, tracker.factors(), config).precondition(queries)
         got = tracker.scorer.queries
@@ -343,7 +345,7 @@ def test_training_is_bit_for_bit_unchanged_and_hooks_removed():
     layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
     with ip.InfluenceTracker(model, ip.ClassificationTask(), config, queries=queries) as tracker:
         train(model, items, tracker, epochs=2, refresh_after_epoch=True)
-        assert tracker.streamed_scores().batches == {"identity": 3, "ekfac": 5}
+        assert tracker.streamed_scores().batches == {"ekfac": 6}  # the first 2 steps superseded
         assert all(m._forward_hooks for m in layers)
     for p, q in zip(plain.parameters(), model.parameters()):
         assert torch.equal(p, q)
@@ -438,8 +440,9 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 def _stream_three_steps(rank: int, world: int) -> ip.StreamedScores:
     """Three optimizer steps of 8 examples split over ``world`` processes (rank r takes r::world):
-    two with unpreconditioned queries (after the first, an eigenbasis from the summed covariances),
-    then a refresh with EK-FAC from the summed statistics, and the third step."""
+    the first with unpreconditioned queries, the second with K-FAC queries from the summed
+    covariances (and an eigenbasis set from them), the third with EK-FAC queries from the summed
+    statistics, which supersede the first two steps' sums on every rank alike."""
     items = data(24)
     queries = list(loader(data(4, seed=3), 4))
     model = mlp()
@@ -476,9 +479,9 @@ def test_ddp_gathered_scores_equal_single_process(tmp_path):
             if process.is_alive():
                 process.kill()
     gathered = torch.load(out, weights_only=False)
-    assert single.batches == {"identity": 2, "ekfac": 1}
-    assert gathered.batches == {"identity": 4, "ekfac": 2}  # micro-batches over both processes
-    assert gathered.indices.tolist() == single.indices.tolist() == list(range(24))
+    assert single.batches == {"ekfac": 1}
+    assert gathered.batches == {"ekfac": 2}  # micro-batches over both processes
+    assert gathered.indices.tolist() == single.indices.tolist() == list(range(16, 24))
     assert torch.equal(gathered.visits, single.visits)
     torch.testing.assert_close(gathered.scores, single.scores, rtol=1e-9, atol=1e-12)
     assert gathered.layer_names == single.layer_names == ["0", "3"]

@@ -1,4 +1,6 @@
-"""InfluenceTracker inside a plain training loop: same statistics as post-hoc fitting, same training."""
+"""InfluenceTracker inside a plain training loop: statistics steps, padding masks, hook handling and
+failures (zero learning rate = post-hoc fit, accumulation, exact resume, bad batch, unchanged
+training, no hook left: tests/test_contracts.py)."""
 
 from __future__ import annotations
 
@@ -9,67 +11,8 @@ from torch import nn
 
 import infl_plugin as ip
 
+from conftest import plain_items as data, plain_mlp as mlp, plain_train as train
 from models import SeqNet, loader, sequence_data
-
-
-def mlp(dropout: float = 0.0) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3)).double()
-
-
-def data(n: int = 40) -> list:
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(6, generator=g, dtype=torch.float64), torch.randint(0, 3, (), generator=g)) for _ in range(n)]
-
-
-def train(model, items, tracker=None, lr=0.1, epochs=1, batch_size=8, accumulate=1, refresh_after_epoch=False):
-    """The user's own loop; ``tracker.step`` after each micro-batch, scaled for accumulation."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    for epoch in range(epochs):
-        for i, (x, y) in enumerate(loader(items, batch_size)):
-            loss = F.cross_entropy(model(x), y) / accumulate
-            loss.backward()
-            last = (i + 1) % accumulate == 0
-            if last:
-                opt.step()
-                opt.zero_grad()
-            if tracker is not None:
-                tracker.step((x, y), grad_scale=1.0 / (len(y) * accumulate), optimizer_step=last)
-        if refresh_after_epoch and tracker is not None and epoch == 0:
-            tracker.refresh_eigenbasis()
-    return model
-
-
-@pytest.mark.parametrize("fisher", ["empirical", "sampled"])
-@pytest.mark.parametrize("strategy", ["diagonal", "kfac", "ekfac"])
-def test_tracker_with_zero_lr_equals_fit_factors(strategy, fisher):
-    """ekfac: one epoch of covariances, refresh, one epoch of eigenvalues = fit_factors' two passes."""
-    items = data()
-    config = ip.InfluenceConfig(update_every=1, strategy=strategy, fisher=fisher, accumulation_dtype="float64", damping=1e-3)
-    model = mlp()
-    epochs = 2 if strategy == "ekfac" else 1
-    with ip.InfluenceTracker(model, ip.ClassificationTask(), config) as tracker:
-        train(model, items, tracker, lr=0.0, epochs=epochs, refresh_after_epoch=True)
-        tracked = tracker.factors()
-    fitted = ip.fit_factors(model, ip.ClassificationTask(), loader(items, 8), config)
-    for name, f in fitted.layers.items():
-        t = tracked.layers[name]
-        torch.testing.assert_close(t.eigenvalues, f.eigenvalues, rtol=1e-7, atol=1e-12)
-        if f.q_a is not None:  # eigenvectors up to sign: compare the projectors' action via Λ above and |Q|
-            torch.testing.assert_close((t.q_a.T @ f.q_a).abs(), torch.eye(len(f.q_a), dtype=torch.float64), atol=1e-6, rtol=0)
-
-
-def test_gradient_accumulation_equals_a_larger_batch():
-    items = data()
-    config = ip.InfluenceConfig(update_every=1, strategy="kfac", accumulation_dtype="float64")
-    factors = []
-    for batch_size, accumulate in ((8, 2), (16, 1)):
-        model = mlp()
-        with ip.InfluenceTracker(model, ip.ClassificationTask(), config) as tracker:
-            train(model, items[:32], tracker, lr=0.0, batch_size=batch_size, accumulate=accumulate)
-            factors.append(tracker.factors())
-    for name in factors[0].layers:
-        torch.testing.assert_close(factors[0].layers[name].eigenvalues, factors[1].layers[name].eigenvalues)
 
 
 def test_update_every_skips_steps():
@@ -144,46 +87,6 @@ def test_constructing_a_tracker_attaches_no_hooks():
     with ip.InfluenceTracker(model, ip.ClassificationTask(), config) as entered:
         assert entered.attached and module_hooks(model) > 0
     assert module_hooks(model) == 0
-
-
-def test_nan_batch_is_skipped_counted_and_warned():
-    items = data(16)
-    config = ip.InfluenceConfig(update_every=1, strategy="kfac", accumulation_dtype="float64")
-    model = mlp()
-    with ip.InfluenceTracker(model, ip.ClassificationTask(), config) as tracker:
-        x, y = next(iter(loader(items, 8)))
-        bad = x.clone()
-        bad[0, 0] = float("nan")
-        F.cross_entropy(model(bad), y).backward()
-        with pytest.warns(UserWarning, match="skipped"):
-            assert tracker.step((bad, y)) is False
-        model.zero_grad()
-        for x, y in loader(items, 8):
-            F.cross_entropy(model(x), y).backward()
-            assert tracker.step((x, y))
-        assert tracker.skipped_batches == 1
-        factors = tracker.factors()
-    fitted = ip.fit_factors(model, ip.ClassificationTask(), loader(items, 8), config)
-    for name, f in fitted.layers.items():
-        torch.testing.assert_close(factors.layers[name].eigenvalues, f.eigenvalues)
-
-
-def test_state_dict_round_trip_continues_exactly():
-    items = data()
-    config = ip.InfluenceConfig(update_every=1, strategy="ekfac", fisher="sampled", accumulation_dtype="float64")
-    model = mlp()
-    with ip.InfluenceTracker(model, ip.ClassificationTask(), config) as full:
-        train(model, items, full, lr=0.0, epochs=2, refresh_after_epoch=True)
-        expected = full.factors()
-    with ip.InfluenceTracker(model, ip.ClassificationTask(), config) as first:
-        train(model, items, first, lr=0.0, epochs=1, refresh_after_epoch=True)
-        state = first.state_dict()
-    with ip.InfluenceTracker(model, ip.ClassificationTask(), config) as resumed:
-        resumed.load_state_dict(state)
-        train(model, items, resumed, lr=0.0, epochs=1)
-        got = resumed.factors()
-    for name in expected.layers:
-        assert torch.equal(got.layers[name].eigenvalues, expected.layers[name].eigenvalues)
 
 
 def test_ekfac_factors_before_refresh_need_a_loader():
