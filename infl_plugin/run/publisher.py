@@ -7,6 +7,8 @@ exists waits here and is handed to it when it is set.
 
 from __future__ import annotations
 
+import time
+
 from typing import Callable, Optional
 
 from ..report.protocol import ExampleSource, Reporter
@@ -57,11 +59,15 @@ class Publisher:
             self._reporter_state = None
 
     def publish(self, result: AttributionResult, source: Optional[ExampleSource]) -> None:
-        """Report ``result`` (isolated from training), write its artifact, and log one line."""
+        """Report ``result`` (isolated from training), write its artifact, and log one line. The
+        report's time (TensorBoard tables and figures) is itemised as ``durations["report"]`` in
+        the artifact, outside ``duration_s`` (the attribution itself)."""
         self.last_result = result
         if self.reporter is not None:
+            started = time.perf_counter()
             with self.policy.tolerant(f"writing the report of step {result.step}"), self.policy.isolated():
                 self.reporter.log(result, source, result.step)
+            result.extra.setdefault("durations", {})["report"] = time.perf_counter() - started
         if self.artifact_dir is not None:
             with self.policy.tolerant(f"writing the artifact of step {result.step}"):
                 write_artifact(self.artifact_dir, result)
