@@ -124,7 +124,10 @@ def test_strings_with_default_data_collator_blocks_attribute_with_itemised_durat
     assert result.scores.shape == (2, 8)
     durations = result.extra["durations"]
     assert {"factors", "queries", "candidates", "token_views", "eigenbasis_refresh"} <= set(durations)
-    assert result.duration_s >= sum(durations.values()) * 0.999
+    # the attribution's parts add up to at most its duration; the TensorBoard report written after
+    # it is itemised beside them, outside duration_s
+    assert result.duration_s >= sum(v for k, v in durations.items() if k != "report") * 0.999
+    assert durations["report"] > 0
 
 
 def test_a_collator_error_on_the_queries_is_a_configuration_error_at_train_start(tmp_path):
