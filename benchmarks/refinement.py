@@ -78,14 +78,15 @@ def exact_scores(kind, model, factors, x, y, xq, yq) -> torch.Tensor:
 
 
 def forward_backward_time(model, task, batches) -> float:
-    """Seconds of one forward + backward of the summed training loss over ``batches`` (median of 3)."""
+    """Seconds of one forward + backward of the summed training loss over ``batches`` (one warm-up,
+    then the median of 5: on small models one run swings by several times)."""
     times = []
-    for _ in range(3):
+    for _ in range(6):
         start = time.perf_counter()
         for batch in batches:
             torch.autograd.grad(task.loss(model, batch).sum(), [p for p in model.parameters() if p.requires_grad])
         times.append(time.perf_counter() - start)
-    return sorted(times)[1]
+    return sorted(times[1:])[2]
 
 
 def refined(model, task, factors, config, train, queries, steps: int):

@@ -176,8 +176,10 @@ class GaussNewton:
         dtype = next(iter(v.values())).dtype
         total = {name: torch.zeros_like(t) for name, t in v.items()}
         primals = self._parameters()
-        # the fused attention kernels lack forward-mode derivatives: the math one is composite
-        with sdpa_kernel([SDPBackend.MATH]):
+        # the fused attention kernels lack forward-mode derivatives: the math one is composite.
+        # No outer graph: untracked parameters (embeddings, norms) require grad, and autograd would
+        # otherwise record every product through them and keep it alive in ``total``
+        with sdpa_kernel([SDPBackend.MATH]), torch.no_grad():
             examples = self._accumulate(self._tangents(v, primals), primals, total, dtype)
         self.products += next(iter(v.values())).shape[0]
         if self.collective:
@@ -208,6 +210,7 @@ class GaussNewton:
             for name, value in self._matrices(back, dtype).items():
                 total[name] += value
             examples += self.task.batch_size(batch)
+            del output, pullback, forward, hessian, back  # this batch's graph, before the next forward
         return examples
 
 
