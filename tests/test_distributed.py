@@ -202,6 +202,91 @@ def test_lightning_ddp_statistics_skipped_on_one_rank_only(lightning_runs):
     assert all(layer["examples"] == 4 * 8 - 4 for layer in statistics.values())  # 4 steps × 8 rows, less rank 1's 4
 
 
+# ------------------------------------------------------------------------------------ FSDP2
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory) -> Path:
+    """One torchrun launch for the FSDP2 fits (see ``ddp_scripts/lightning_fsdp.py``)."""
+    out = tmp_path_factory.mktemp("lightning_fsdp")
+    torchrun("lightning_fsdp", str(out), cwd=out)
+    return out
+
+
+def _assert_fsdp_run_equals(out: Path, name: str, reference: dict) -> None:
+    """Both ranks attributed 4 times and hold the same gathered result; it equals one process's.
+    Tolerance: the runs agree to float64 rounding, the scores are stored in float32 (relative
+    1e-7), so 1e-5 of the largest score; the top-k lists exactly."""
+    run = torch.load(out / f"{name}.pt", weights_only=False)
+    for rank in _ranks(out, name):
+        assert (rank["steps"], rank["attributions"], rank["failed_attributions"], rank["skipped_batches"]) == (8, 4, 0, 0)
+    held = [torch.load(out / f"{name}_result{r}.pt", weights_only=False) for r in range(2)]
+    assert torch.equal(held[0]["scores"], held[1]["scores"]) and torch.equal(held[0]["scores"], run["scores"])
+    assert run["last_step"] == reference["last_step"] == 8
+    order, reference_order = run["candidate_indices"].argsort(), reference["candidate_indices"].argsort()
+    assert run["candidate_indices"][order].tolist() == reference["candidate_indices"][reference_order].tolist()
+    scale = float(reference["scores"].abs().max())
+    torch.testing.assert_close(run["scores"][:, order], reference["scores"][:, reference_order], rtol=1e-5,
+                               atol=1e-5 * scale)
+    assert run["helpful_indices"].tolist() == reference["helpful_indices"].tolist()
+
+
+@pytest.mark.slow
+def test_fsdp2_checkpoint_attribution_equals_one_process(fsdp_runs, tmp_path):
+    """FSDP2 through Lightning's ``ModelParallelStrategy`` (every ``nn.Linear`` and the root
+    ``fully_shard``-ed), candidates scored at each attribution: every pass runs on both ranks in
+    step (a sharded forward all-gathers the parameters), each rank scores half of the candidate
+    batches, and the gathered scores and self-influence equal one process's on the same global
+    batches. Before, the first attribution ran on rank 0 alone and waited forever in FSDP's all-gather."""
+    lightning_fsdp = _script("lightning_fsdp")
+    reference = lightning_fsdp.fit(tmp_path / "single", "all", world=1, rank=0, candidates="all")
+    _assert_fsdp_run_equals(fsdp_runs, "all", reference)
+    run = torch.load(fsdp_runs / "all.pt", weights_only=False)
+    scale = float(reference["self_scores"].abs().max())
+    torch.testing.assert_close(run["self_scores"], reference["self_scores"], rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.slow
+def test_fsdp2_streamed_attribution_equals_one_process(fsdp_runs, tmp_path):
+    """``candidates="stream"`` under FSDP2: each rank streams its own examples, gathered at the
+    attribution; the queries are preconditioned on both ranks in step."""
+    lightning_fsdp = _script("lightning_fsdp")
+    reference = lightning_fsdp.fit(tmp_path / "single", "stream", world=1, rank=0, candidates="stream")
+    _assert_fsdp_run_equals(fsdp_runs, "stream", reference)
+
+
+@pytest.mark.slow
+def test_fsdp2_resumed_run_equals_the_uninterrupted_one(fsdp_runs):
+    """The FSDP2 fit resumed from its step-4 checkpoint (the callback's state summed over the ranks
+    in it) attributes at steps 6 and 8 exactly as the uninterrupted fit (float32 scores: 1e-5)."""
+    resumed = torch.load(fsdp_runs / "resume.pt", weights_only=False)
+    full = torch.load(fsdp_runs / "all.pt", weights_only=False)
+    for rank in _ranks(fsdp_runs, "resume"):
+        assert (rank["steps"], rank["attributions"], rank["failed_attributions"]) == (8, 4, 0)
+    assert resumed["last_step"] == 8
+    scale = float(full["scores"].abs().max())
+    torch.testing.assert_close(resumed["scores"], full["scores"], rtol=1e-5, atol=1e-5 * scale)
+    assert resumed["helpful_indices"].tolist() == full["helpful_indices"].tolist()
+
+
+def test_refinement_under_fsdp2_is_refused_with_the_field_named(tmp_path):
+    """Refinement's Gauss-Newton products swap the tracked parameters, which FSDP2 owns: refused
+    when the data are set (Lightning: at train start, after ``configure_model``), naming the field."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        batches = [(torch.randn(4, 6), torch.randint(0, 3, (4,)))]
+        session = ip.InfluenceSession(model, ip.ClassificationTask(), ip.InfluenceConfig(refine_steps=2), progress=False)
+        with pytest.raises(ip.ConfigurationError, match="refine_steps=2 needs unsharded parameters"):
+            session.set_data(batches, batches)
+        ip.InfluenceSession(model, ip.ClassificationTask(), ip.InfluenceConfig(), progress=False).set_data(batches, batches)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 # ------------------------------------------------------------------------------------ Hugging Face
 @pytest.mark.slow
 def test_huggingface_trainer_two_processes_equal_one_process(tmp_path):

@@ -295,6 +295,27 @@ def test_default_selection_leaves_out_the_unembedding_and_names_it(build, why):
         assert "lm_head" in [layer.name for layer in ip.select_layers(model, ["*"])]
 
 
+def test_selection_and_memory_estimate_on_the_meta_device():
+    """A model built on the meta device (planning memory, no weights) has no data addresses: the
+    tied-weight test must not take every layer for the embedding (it did, leaving none). Llama
+    3.2 1B's shapes, tied head: the 112 block layers are tracked, and the float32 statistics plus
+    float32 eigenvectors are the 35 GB the planning figures quote (the estimate's eigenbasis also
+    counts the float64 copies the factors keep)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                      tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layers = ip.select_layers(model)
+    assert len(layers) == 112 and "lm_head" not in [layer.name for layer in layers]
+    estimate = ip.estimate_memory(layers, ip.InfluenceConfig())
+    float32_eigenvectors = estimate.eigenbasis_bytes * 4 // 12
+    assert abs((estimate.statistics_bytes + float32_eigenvectors) / 1e9 - 34.5) < 0.5
+
+
 class PlainLM(nn.Module):
     """A language model without Hugging Face hints: embedding, MLP, untied head."""
 

@@ -261,8 +261,11 @@ def vocabulary_layers(model: nn.Module, layers: Sequence[TrackedLayer]) -> dict[
 
 
 def _storage(weight: torch.Tensor) -> Optional[int]:
-    """Address of a parameter's data (tied parameters share it); ``None`` when it has none yet."""
+    """Address of a parameter's data (tied parameters share it); ``None`` when it has none yet.
+    Meta tensors (a model built to plan memory) have no address: the object identifies them."""
     try:
+        if weight.is_meta:
+            return id(weight)
         return weight.data_ptr() if weight.numel() else None
     except (RuntimeError, ValueError):
         return None

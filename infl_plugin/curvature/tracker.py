@@ -28,8 +28,7 @@ moving averages over optimizer steps (old parameters forgotten); ``statistics_fr
 each statistics step's statistics on a random subset of its examples (`ExampleSubsample`);
 ``min_statistics_steps`` keeps an eigenbasis until its eigenvalues rest on that many statistics
 steps, and `factors` warns about (or, given a loader, replaces) eigenvalues resting on fewer.
-With ``fisher="sampled"`` each visit of an example draws new pseudo-labels (``fisher_samples``
-sets the draws of the post-hoc passes).
+With ``fisher="sampled"`` each visit draws new pseudo-labels (``fisher_samples``: post-hoc draws).
 
 Riders: other consumers of the same training backward register with `add_rider` (the streaming
 scorer does, through `InfluenceTracker`); the tracker routes the captures to each rider on the
@@ -48,6 +47,7 @@ from torch import nn
 
 from ..config.groups import statistics_changes
 from ..config.influence import InfluenceConfig
+from ..distributed import broadcast_generator
 from .factors import Factors, compute_factors, eigenbases
 from .fitting import accumulate, new_statistics
 from .hooks import LayerHooks, Sink, fan_out
@@ -90,9 +90,8 @@ class Rider(Protocol):
 class CurvatureTracker:
     """Accumulates curvature statistics from the training loop; a context manager.
 
-    The constructor registers no hooks on ``model``: `attach` does (idempotent; returns the
-    tracker, so ``tracker = CurvatureTracker(...).attach()``), and so does entering
-    ``with CurvatureTracker(...) as tracker:``; `close` (or leaving the block) removes them all.
+    No hooks go on in the constructor: `attach` adds them (idempotent; returns the tracker), as
+    does ``with CurvatureTracker(...) as tracker:``; `close` (or leaving the block) removes them all.
     Call `step` once after each micro-batch's ``backward()`` (and after ``optimizer.step()``, so
     that streaming queries refreshed there are at the parameters of the next backward);
     ``optimizer_step=False`` marks micro-batches that do not end an optimizer step (gradient
@@ -352,6 +351,7 @@ class CurvatureTracker:
                 )
             statistics.set_basis(eigenbases(statistics))
             statistics.covariances = False
+            broadcast_generator(self.generator)  # the same sampled labels on every rank: the same factors
             with self._hooked(), isolated(self.model):
                 accumulate(self.model, self.task, self.hooks, statistics, loader, self.config, self.generator)
         return compute_factors(statistics, self.layers, self.config)

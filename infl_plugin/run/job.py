@@ -8,12 +8,15 @@ carries the views a reporter shows: top-k per query, tail exponents and, for tok
 (`add_token_views`), the per-token and per-layer scores of each query's top sequences, so that
 reporters only render what they are given.
 
-The caller runs a job inside `SideTaskPolicy.isolated` (training hooks paused, forked RNG,
+Distributed, every process runs the job in step (sharded models need every rank in each forward):
+the candidate pass is shared out by batch (`RankShare`) and gathered, so every process returns the
+same result. The caller runs a job inside `SideTaskPolicy.isolated` (training hooks paused, forked RNG,
 gradients enabled); the job itself never touches a parameter's ``.grad``.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Optional
 
@@ -22,7 +25,8 @@ from torch import nn
 
 from ..results.artifacts import AttributionResult
 from ..scoring.analysis import layer_shares, tail_exponent
-from ..scoring.attributor import Attributor, PreconditionedQueries
+from ..distributed import all_reduce_sum, is_distributed
+from ..scoring.attributor import Attributor, PreconditionedQueries, require_fixed_order
 from ..config.influence import InfluenceConfig
 from .data import AttributionData
 from ..curvature.factors import Factors
@@ -30,6 +34,7 @@ from ..config.options import AttributionOptions
 from ..scoring.streaming.scorer import StreamedScores
 from ..tasks import Task
 from ..results.token_views import result_token_views
+from .shares import RankShare
 
 
 class AttributionJob:
@@ -63,7 +68,9 @@ class AttributionJob:
         durations = {k: float(v) for k, v in ((extra or {}).get("durations") or {}).items()}
         # the candidates are the training batches of refine_steps' Gauss-Newton products (unused at 0)
         self.attributor = attributor = Attributor(self.model, self.task, factors, self.config, data.candidates)
-        self.queries = pq = queries if queries is not None else attributor.precondition(data.queries)
+        # distributed, every process runs this job: refinement's Gauss-Newton products are shared out
+        self.queries = pq = queries if queries is not None else attributor.precondition(
+            data.queries, collective=is_distributed())
         durations["queries"] = time.perf_counter() - started
         extra = {"candidates_requested": self.options.candidate_mode, **(extra or {}), "durations": durations}
         if streamed is not None:
@@ -121,25 +128,33 @@ class AttributionJob:
     def _candidate_pass(self, attributor: Attributor, pq: PreconditionedQueries, data: AttributionData,
                         step: int) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Score the candidate loader: scores ``[Q, N]``, per-layer Σ|score| ``[L, Q]`` and, with
-        ``self_influence``, self-influence ``[N]``."""
-        bar = self._progress_bar(data.num_candidates, f"influence @ step {step}")
-        abs_sums = None
+        ``self_influence``, self-influence ``[N]``. Distributed, each process scores its `RankShare`
+        and every process ends with all the results (collectives: call on every rank)."""
+        require_fixed_order(data.candidates)
+        share = RankShare.current(data.candidates, self.task.batch_size)
+        total = data.num_candidates
+        bar = self._progress_bar(None if total is None else math.ceil(total / share.world), f"influence @ step {step}")
         parts: list[torch.Tensor] = []
+        abs_sums = torch.zeros(len(attributor.layer_names), len(pq), dtype=torch.float64)
         try:
-            for _, per_layer in attributor.iter_scores(pq, data.candidates):  # [L, Q, B]
-                layer_abs = per_layer.abs().nan_to_num(0.0, posinf=0.0, neginf=0.0).sum(-1).double().cpu()
-                abs_sums = layer_abs if abs_sums is None else abs_sums + layer_abs
+            for index, (_, per_layer) in enumerate(attributor.iter_scores(pq, share)):  # [L, Q, B]
+                if index >= len(share.sizes):  # a repeated batch that keeps the ranks in step
+                    continue
+                abs_sums += per_layer.abs().nan_to_num(0.0, posinf=0.0, neginf=0.0).sum(-1).double().cpu()
                 parts.append(per_layer.sum(0).float().cpu())
                 bar.update(per_layer.shape[-1])
+            abs_sums = all_reduce_sum(abs_sums)
+            scores = share.gather(torch.cat(parts, dim=1) if parts else torch.zeros(len(pq), 0))
             self_scores = None
             if self.options.self_influence:
                 bar.set_description(f"self-influence @ step {step}")
-                self_scores = attributor.self_scores(data.candidates).float().cpu()
+                values = attributor.self_scores(share).double().cpu()[: sum(share.sizes)]
+                self_scores = share.gather(values.reshape(1, -1))[0].float()
         finally:
             bar.close()
-        if not parts:
+        if scores.shape[1] == 0:
             raise ValueError("The candidate loader yielded no batch")
-        return torch.cat(parts, dim=1), abs_sums, self_scores
+        return scores, abs_sums, self_scores
 
     def _progress_bar(self, total: Optional[int], description: str) -> Any:
         if not self.show_progress:

@@ -37,8 +37,10 @@ need no such pass.
 
 **Distributed.** Statistics are summed over processes (a collective: call `maybe_attribute` and
 `state_dict` on every rank). An attribution reduces first and takes every decision (are there
-statistics yet?) from the sums, so all ranks follow the same path; factors, scoring, reporting and
-artifacts happen only where ``is_main``, and every rank refreshes its eigenbasis from the same sums.
+statistics yet?) from the sums, so all ranks follow the same path: every rank computes the same
+factors and queries, scores its share of the candidates and gathers the rest (a sharded model's
+forward needs every rank), reporting and artifacts happen only where ``is_main``, and every rank
+refreshes its eigenbasis from the same sums.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ from ..scoring.attributor import Attributor, PreconditionedQueries
 from ..config.influence import InfluenceConfig
 from .data import AttributionData, DatasetSource, eigenvalue_loader
 from ..curvature.factors import Factors
+from ..distributed import sharded_parameters
+from ..errors import ConfigurationError
 from .job import AttributionJob
 from ..curvature.loss_reduction import LossReduction
 from ..config.options import AttributionOptions, resolve_options
@@ -82,7 +86,7 @@ class InfluenceSession:
         config: the `InfluenceConfig`.
         options: the `AttributionOptions` (schedule, candidates, top-k, views, strictness), or a
             mapping of its fields; ``**overrides`` set single fields (``every_n_steps=10``).
-        is_main: whether this process scores, reports and writes artifacts (global rank 0).
+        is_main: whether this process reports and writes artifacts (global rank 0).
         log: a function taking one line (default ``logging.getLogger("infl_plugin").info``).
 
     With ``candidates="stream"`` an attribution reads the scores streamed from the training
@@ -135,7 +139,7 @@ class InfluenceSession:
 
     @property
     def last_result(self) -> Optional[AttributionResult]:
-        """The latest attribution's result (main process)."""
+        """The latest attribution's result (every process holds it; the main one published it)."""
         return self.publisher.last_result
 
     # ----------------------------------------------------------------------------- data
@@ -148,6 +152,10 @@ class InfluenceSession:
         their rows come from (row i of the queries is ``query_dataset[query_indices[i]]``).
         ``stream=False`` defers `start_streaming` (to when the training batches' dataset indices
         become known)."""
+        if self.config.refine_steps and sharded_parameters(self.model):
+            raise ConfigurationError(
+                f"InfluenceConfig.refine_steps={self.config.refine_steps} needs unsharded parameters (its Gauss-Newton "
+                "products swap them); under FSDP use refine_steps=0, or DDP for refinement")
         if not isinstance(data, AttributionData):
             if candidates is None:
                 raise ValueError("InfluenceSession.set_data needs an AttributionData or query and candidate loaders")
@@ -286,8 +294,9 @@ class InfluenceSession:
     def attribute(self, step: int, reason: Union[str, Reason] = Reason.MANUAL) -> Optional[AttributionResult]:
         """Factors → `AttributionJob` → report and artifact, then refresh the EK-FAC eigenbasis.
 
-        Returns the result on the main process (``None`` elsewhere, when no statistics exist yet,
-        or when the attribution failed and ``strict`` is off).
+        Distributed, every pass runs on every process in step (each scores its share of the
+        candidates) and every process returns the same result; only the main one publishes it.
+        Returns ``None`` when no statistics exist yet, or when the attribution failed and ``strict`` is off.
         """
         if self.data is None:
             raise RuntimeError("InfluenceSession.set_data(...) must be called before attributing")
@@ -305,8 +314,7 @@ class InfluenceSession:
                 streamed = self._streamed()  # a collective too: every rank
                 streaming = self.tracker.has_queries
                 factors_started = time.perf_counter()
-                if self.is_main or streaming:  # other ranks need factors only for their streaming queries
-                    factors = self.tracker.factors(loader=self.eigenvalue_loader, reduced=reduced)
+                factors = self.tracker.factors(loader=self.eigenvalue_loader, reduced=reduced)
                 durations = {"factors": time.perf_counter() - factors_started}
                 queries = None  # the streaming queries just preconditioned, when the job may score with them
                 if streaming:  # the next interval streams against these factors (identical on every rank)
@@ -314,14 +322,13 @@ class InfluenceSession:
                         refresh_started = time.perf_counter()
                         self.tracker.refresh_queries(factors)
                         durations["streaming_queries"] = time.perf_counter() - refresh_started
-                        queries = self._reusable_queries()
-                if self.is_main:
-                    self.last_factors = factors
-                    result = self.job.run(factors, self.data, step, reason, streamed, queries=queries, extra={
-                        "skipped_batches": self.skipped_batches, "optimizer_steps": self.tracker.optimizer_steps,
-                        "streamed_superseded_batches": self._superseded, "durations": durations})
-                    with self.policy.tolerant(f"computing the token views of step {step}"):
-                        self.job.add_token_views(result, self.data)
+                        queries = self.tracker.scorer.queries  # same queries, parameters, factors, config
+                self.last_factors = factors
+                result = self.job.run(factors, self.data, step, reason, streamed, queries=queries, extra={
+                    "skipped_batches": self.skipped_batches, "optimizer_steps": self.tracker.optimizer_steps,
+                    "streamed_superseded_batches": self._superseded, "durations": durations})
+                with self.policy.tolerant(f"computing the token views of step {step}"):
+                    self.job.add_token_views(result, self.data)
             except Exception as error:
                 self.policy.attribution_failed(error, f"attribution at step {step} ({reason})")
             finally:
@@ -334,8 +341,10 @@ class InfluenceSession:
                     result.duration_s += elapsed
         self.schedule.last_step = step
         self.attributions += 1
-        if result is not None:
+        if result is not None and self.is_main:
             self.publisher.publish(result, self.source)
+        elif result is not None:  # the same result, held for the caller but not published
+            self.publisher.last_result = result
         return result
 
     @property
@@ -362,15 +371,6 @@ class InfluenceSession:
         self._superseded = self.tracker.superseded_batches
         self.tracker.reset_stream()
         return streamed if len(streamed) else None
-
-    def _reusable_queries(self) -> Optional[PreconditionedQueries]:
-        """The streaming queries just refreshed, which are the job's queries too (same queries,
-        parameters, factors and configuration), unless refinement's Gauss-Newton products were
-        summed over processes for them (the job's own are this process's)."""
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if self.config.refine_steps and distributed:
-            return None
-        return self.tracker.scorer.queries
 
     def _has_statistics(self, reduced: Optional[CurvatureStatistics]) -> bool:
         """Whether the statistics summed over processes (``None``: none needed) can give factors."""
