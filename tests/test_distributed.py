@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import warnings
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -283,6 +284,31 @@ def test_refinement_under_fsdp2_is_refused_with_the_field_named(tmp_path):
         with pytest.raises(ip.ConfigurationError, match="refine_steps=2 needs unsharded parameters"):
             session.set_data(batches, batches)
         ip.InfluenceSession(model, ip.ClassificationTask(), ip.InfluenceConfig(), progress=False).set_data(batches, batches)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_layer_selection_on_fsdp2_parameters_keeps_the_blocks(tmp_path):
+    """Attributions select the layers again while FSDP2 holds the parameters as DTensors, whose data
+    addresses are all alike: the tied-weight test must tell the blocks from the tied head (it took
+    every layer for the embedding, and the first attribution of a sharded GPT-2 failed)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=8, n_embd=16, n_layer=2, n_head=2))
+        mesh = init_device_mesh("cpu", (1,))
+        for block in model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        assert hasattr(model.transformer.h[0].mlp.c_fc.weight, "placements")  # a DTensor outside the forward
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            names = [layer.name for layer in ip.select_layers(model)]
+        assert len(names) == 8 and "lm_head" not in names
     finally:
         torch.distributed.destroy_process_group()
 

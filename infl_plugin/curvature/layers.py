@@ -262,11 +262,12 @@ def vocabulary_layers(model: nn.Module, layers: Sequence[TrackedLayer]) -> dict[
 
 def _storage(weight: torch.Tensor) -> Optional[int]:
     """Address of a parameter's data (tied parameters share it); ``None`` when it has none yet.
-    Meta tensors (a model built to plan memory) have no address: the object identifies them."""
+    Without an address of its own (a meta tensor planning memory, an FSDP2 ``DTensor``, a freed
+    FSDP1 shard: 0 for all of them) the object identifies it: tying shares the object too."""
     try:
-        if weight.is_meta:
-            return id(weight)
-        return weight.data_ptr() if weight.numel() else None
+        if weight.is_meta or hasattr(weight, "placements") or not weight.numel():
+            return id(weight) if weight.numel() else None
+        return weight.data_ptr() or id(weight)
     except (RuntimeError, ValueError):
         return None
 
