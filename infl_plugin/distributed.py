@@ -72,6 +72,14 @@ def sharded_parameters(model: torch.nn.Module) -> bool:
     return False
 
 
+def deepspeed_refusal(owner: str, setting: str) -> str:
+    """Why ``owner`` refuses DeepSpeed (``setting``: where the user turned it on) and what works instead."""
+    return (f"{owner} does not support DeepSpeed ({setting}): ZeRO-3 keeps each layer's weight as an empty "
+            "placeholder outside its forward, so layer shapes and the attribution's passes cannot be read. Use DDP, "
+            "or FSDP (torch fully_shard through Lightning's ModelParallelStrategy, Lightning's FSDPStrategy, or the "
+            "Hugging Face Trainer's fsdp=True), with the callback attached")
+
+
 def broadcast_generator(generator: Optional[torch.Generator]) -> None:
     """Give every process rank 0's ``generator`` state, so that labels sampled in a pass that every
     rank runs on the same data are the same everywhere."""
@@ -82,5 +90,5 @@ def broadcast_generator(generator: Optional[torch.Generator]) -> None:
     generator.set_state(state[0])
 
 
-__all__ = ["all_gather_columns", "all_reduce_sum", "broadcast_generator", "collective_device", "is_distributed",
-           "ranks", "sharded_parameters"]
+__all__ = ["all_gather_columns", "all_reduce_sum", "broadcast_generator", "collective_device", "deepspeed_refusal",
+           "is_distributed", "ranks", "sharded_parameters"]

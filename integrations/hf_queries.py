@@ -9,7 +9,7 @@ are batched by a `PadCollator` (the training collator may expect equal-length bl
 the first query batch is built at train start, so an error a framework's collator raises on what
 the user passed surfaces then, as a `ConfigurationError` naming ``queries``, the first query's
 type and keys, and what to pass instead. Packed or padding-free training is refused at train start
-(`refuse_packed_batches`).
+(`refuse_unsupported_training`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from infl_plugin.run.data import AttributionData, build_attribution_data
+from infl_plugin.distributed import deepspeed_refusal
 from infl_plugin.errors import ConfigurationError
 from infl_plugin.config.options import AttributionOptions
 from infl_plugin.run.query_formats import (PadCollator, Preparation, PreparedQueries, describe_example, format_error,
@@ -59,10 +60,12 @@ def model_positions(model: nn.Module) -> Optional[int]:
     return None
 
 
-def refuse_packed_batches(args: Any, collate: Optional[Callable]) -> None:
-    """Packed (``SFTConfig(packing=True)``) or padding-free batches put several examples in one row
-    (``position_ids`` restart per example): per-example statistics and streamed scores would mix
-    them, so training with the callback refuses them at train start."""
+def refuse_unsupported_training(args: Any, collate: Optional[Callable]) -> None:
+    """Refuse at train start what the callback cannot follow: DeepSpeed (`deepspeed_refusal`), and
+    packed (``SFTConfig(packing=True)``) or padding-free batches, which put several examples in one
+    row (``position_ids`` restart per example) so that per-example statistics and scores would mix them."""
+    if getattr(args, "deepspeed", None):
+        raise ConfigurationError(deepspeed_refusal("InfluenceTrainerCallback", "TrainingArguments.deepspeed"))
     packed = bool(getattr(args, "packing", False))
     padding_free = bool(getattr(args, "padding_free", False) or getattr(collate, "padding_free", False))
     if packed or padding_free:
@@ -126,5 +129,5 @@ def _first(queries: Any) -> Any:
         return queries
 
 
-__all__ = ["check_first_batch", "is_sft_config", "model_positions", "refuse_packed_batches",
+__all__ = ["check_first_batch", "is_sft_config", "model_positions", "refuse_unsupported_training",
            "trainer_attribution_data", "trainer_preparation"]

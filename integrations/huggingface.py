@@ -63,7 +63,7 @@ from infl_plugin.tasks import CausalLMTask, ClassificationTask, Task
 from infl_plugin.report.token_report import TokenReporter
 
 from .hf_inputs import MAX_PENDING, MicroBatch, TrainerLossScale, TrainingInputs, model_loss
-from .hf_queries import refuse_packed_batches, trainer_attribution_data
+from .hf_queries import refuse_unsupported_training, trainer_attribution_data
 
 # --------------------------------------------------------------------------------- the callback
 class InfluenceTrainerCallback(TrainerCallback):
@@ -157,7 +157,7 @@ class InfluenceTrainerCallback(TrainerCallback):
             self._restore(args, state, model)
         # the training loader's collate_fn includes the Trainer's removal of unused dataset columns
         collate = self.collate_fn or getattr(train_dataloader, "collate_fn", None)
-        refuse_packed_batches(args, getattr(train_dataloader, "collate_fn", None))
+        refuse_unsupported_training(args, getattr(train_dataloader, "collate_fn", None))
         self._set_data(args, model, collate, train_dataloader, processing_class)
         if self.session.candidate_mode == "stream" and self.session.has_data:
             self._start_indices(train_dataloader, _resumed_batches(args, state, train_dataloader))

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from infl_plugin.config.influence import InfluenceConfig, plain_fields, reject_unknown_fields, resolve_config
 from infl_plugin.run.data import build_attribution_data
+from infl_plugin.distributed import deepspeed_refusal
 from infl_plugin.errors import ConfigurationError
 from infl_plugin.run.indices import BatchIndexRecorder
 from infl_plugin.config.options import AttributionOptions, resolve_options
@@ -144,6 +145,8 @@ class InfluenceCallback(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != TrainerFn.FITTING.value:
             return
+        if "DeepSpeed" in type(trainer.strategy).__name__:
+            raise ConfigurationError(deepspeed_refusal("InfluenceCallback", f"strategy={type(trainer.strategy).__name__}"))
         self._trainer = trainer
         self._stepped_at = None
         if self.session is not None and self.session.model is not pl_module:  # a new fit on another module

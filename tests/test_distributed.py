@@ -336,3 +336,24 @@ def test_huggingface_trainer_two_processes_equal_one_process(tmp_path):
     torch.testing.assert_close(run["scores"], reference["scores"], rtol=1e-3, atol=1e-3 * scale)
     for step in (2, 4):  # on_save ran on both ranks (its state is a collective) and rank 0 wrote it
         assert (tmp_path / "ddp" / f"checkpoint-{step}" / "influence_state.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------ DeepSpeed
+def test_deepspeed_is_refused_at_train_start_saying_what_works():
+    """ZeRO-3 keeps weights as empty placeholders outside their forward: both callbacks refuse
+    DeepSpeed when training starts, naming the setting and the strategies that work instead."""
+    from types import SimpleNamespace
+
+    from infl_plugin.integrations.hf_queries import refuse_unsupported_training
+    from infl_plugin.integrations.lightning import InfluenceCallback
+
+    class DeepSpeedStrategy:  # what Lightning's strategy is called; deepspeed itself is not needed
+        pass
+
+    callback = InfluenceCallback(task="classification", queries="val")
+    with pytest.raises(ip.ConfigurationError, match=r"InfluenceCallback does not support DeepSpeed \(strategy="
+                                                     r"DeepSpeedStrategy\).*ModelParallelStrategy"):
+        callback.setup(SimpleNamespace(strategy=DeepSpeedStrategy()), torch.nn.Linear(2, 2), "fit")
+    with pytest.raises(ip.ConfigurationError, match=r"TrainingArguments.deepspeed.*Use DDP, or FSDP"):
+        refuse_unsupported_training(SimpleNamespace(deepspeed="ds_config.json"), None)
+    refuse_unsupported_training(SimpleNamespace(deepspeed=None), None)
