@@ -16,7 +16,8 @@ callback (statistics every step, checkpoint candidates, attributions every 4 ste
 and the same fine-tune in the same framework on one GPU without sharding as the reference. It prints, per set-up,
 whether it finished, the largest score difference relative to the reference's largest score and
 whether the top-5 lists agree (float64 training: expect 1e-5, the scores being stored in float32;
-the bf16 set-up is compared with the float64 reference and only its top-5 says much), and writes the table to `benchmarks/RESULTS.md`.
+the bf16 set-up is compared with the float64 reference and only its top-5 says much), and writes
+the table to `benchmarks/RESULTS.md`.
 
 Run: ``python benchmarks/fsdp_gpu.py`` on a machine with one or more GPUs (with one GPU the
 set-ups still shard over a world of one: the wrappers, flat parameters and mixed-precision policies
@@ -65,7 +66,7 @@ def gpt2(dtype: torch.dtype = torch.float64):
                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).to(dtype)
 
 
-def run_lightning(setup: str, world: int, cpu: bool) -> dict:
+def run_lightning(setup: str, world: int, cpu: bool, out: Path) -> dict:
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
     from transformers.models.gpt2.modeling_gpt2 import GPT2Block
@@ -110,6 +111,7 @@ def run_lightning(setup: str, world: int, cpu: bool) -> dict:
     trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu" if cpu else "gpu", devices=devices, strategy=strategy,
                          precision="bf16-mixed" if setup.endswith("bf16") else "32-true", callbacks=[callback],
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         default_root_dir=str(out / setup),
                          enable_model_summary=False, use_distributed_sampler=False)
     # rank r trains on the r-th contiguous part of each global batch (the Hugging Face Trainer's split
     # gives the same rows per step), so the sharded runs train exactly as one process does
@@ -129,8 +131,9 @@ def run_huggingface(setup: str, world: int, cpu: bool, out: Path) -> dict:
     sharded = setup.startswith("hf-")
     args = TrainingArguments(
         output_dir=str(out / setup), per_device_train_batch_size=GLOBAL_BATCH // max(world, 1), max_steps=STEPS,
-        learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, use_cpu=cpu, report_to=[], save_strategy="no", logging_strategy="no",
-        seed=0, disable_tqdm=True, train_sampling_strategy="sequential", ddp_backend="gloo" if cpu and world > 1 else None,
+        learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, use_cpu=cpu, report_to=[],
+        save_strategy="no", logging_strategy="no", seed=0, disable_tqdm=True, train_sampling_strategy="sequential",
+        ddp_backend="gloo" if cpu and world > 1 else None,
         fsdp=sharded, fsdp_config={"version": int(setup[-1]), "transformer_layer_cls_to_wrap": ["GPT2Block"],
                                    "sync_module_states": False} if sharded else None,
     )
@@ -154,7 +157,7 @@ def child(setup: str, cpu: bool, out: Path) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(1)
     if "lightning" in setup:
-        report = run_lightning(setup, world, cpu)
+        report = run_lightning(setup, world, cpu, out)
     else:
         report = run_huggingface(setup, world, cpu, out)
     if report["rank"] == 0:
@@ -196,7 +199,8 @@ def main(cpu: bool) -> None:
                 rows.append([setup, world, "failed", "-", "-", "-"])
                 continue
             run = json.loads((out / f"{setup}.json").read_text())
-            error = max(abs(a - b) for ra, rb in zip(run["scores"], reference["scores"]) for a, b in zip(ra, rb)) / scale
+            pairs = [(a, b) for ra, rb in zip(run["scores"], reference["scores"]) for a, b in zip(ra, rb)]
+            error = max(abs(a - b) for a, b in pairs) / scale
             rows.append([setup, world, "finished", f"{run['attributions']} ({run['failed']} failed)", f"{error:.1e}",
                          run["helpful"] == reference["helpful"]])
             print(rows[-1], flush=True)
