@@ -29,6 +29,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
+from ..distributed import collective_device
 from .hooks import Capture
 from .layers import TrackedLayer
 
@@ -242,7 +243,7 @@ class CurvatureStatistics:
         """Sum every accumulator over processes with one flattened ``all_reduce`` (no-op alone)."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        device = collective_device()
         names = sorted(self.totals)
         parts: list[torch.Tensor] = []
         for name in names:

@@ -27,6 +27,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
+from ...distributed import collective_device
 from ..attributor import PreconditionedQueries, QueryLayer, contract
 from ...curvature.hooks import Capture
 from ...curvature.layers import TrackedLayer
@@ -137,7 +138,7 @@ class StreamedScores:
         """
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return self
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        device = collective_device()
         world = dist.get_world_size()
         layers, q = len(self.layer_names), self.num_queries
         counts = torch.tensor([len(self)] + [self.batches.get(p, 0) for p in PRECONDITIONINGS]
